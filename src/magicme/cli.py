@@ -1,0 +1,113 @@
+"""Command line: argument parsing only; each sub-command calls one stage function.
+
+Errors a user can cause (ValueError, FileNotFoundError, FileExistsError) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default)")
+    g.add_argument("--motion-adapter", default=None, help="AnimateDiff MotionAdapter: hub id or folder (default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2)")
+    g.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
+    g.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpm")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+
+
+def _model_spec(args):
+    from .models import ModelSpec
+
+    return ModelSpec(base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config, scheduler=args.scheduler)
+
+
+def cmd_generate(args) -> None:
+    from .generate import GenerateConfig, generate
+
+    cfg = GenerateConfig(
+        prompts=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seeds=args.seed or [0],
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        gamma=args.gamma,
+        fps=args.fps,
+        identities=args.identity or [],
+        models=_model_spec(args),
+    )
+    for path in generate(cfg, args.out, quiet=args.quiet, device=args.device):
+        print(path)
+
+
+def cmd_tiny_model_save(args) -> None:
+    from .models import save_tiny_model
+
+    print(save_tiny_model(args.dir))
+
+
+def cmd_demo(args) -> None:
+    from .demo import demo
+
+    for path in demo(args.out_dir, quiet=args.quiet):
+        print(f"wrote {path}")
+    print("(tiny preset: random weights, so the video is noise; see the README for real weights)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magicme", description="Identity-specific video generation (Magic-Me / VCD).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('magicme').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="text-to-video with the 3D Gaussian noise prior (T2V VCD)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several prompts")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, action="append", help="seed; repeat for several seeds (default 0)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--identity", action="append", help="identity .safetensors from 'magicme train'; repeat for several subjects")
+    p.add_argument("--out", default="magicme.mp4", help=".mp4, .gif, or a folder name for PNG frames")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tiny-model", help="the tiny random-weight preset")
+    tiny = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = tiny.add_parser("save", help="write it as a stock diffusers folder plus DIR/motion_adapter")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_tiny_model_save)
+
+    p = sub.add_parser("demo", help="the main job on the tiny preset, offline")
+    p.add_argument("--out-dir", default="magicme-demo")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"magicme {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"magicme {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Where every model comes from: real weights (hub id, local folder, single-file checkpoint) or the tiny preset.
+
+The tiny preset is a complete AnimateDiff pipeline (UNet, motion adapter, VAE with the real 8× latent
+scale, CLIP text encoder, CLIP BPE tokenizer) built from small configs with seeded random weights.
+It generates noise, not pictures, but exercises every code path offline in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY = "tiny"
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # §5.2: the ID module trains on SD-1.5
+DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
+SCHEDULERS = ("ddim", "euler", "dpm")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A named model could not be found locally or on the hub."""
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    """Configs of the tiny random-weight preset (shaped like diffusers' own dummy test components)."""
+
+    seed: int = 0
+    block_out_channels: tuple[int, ...] = (32, 64)
+    cross_attention_dim: int = 32
+    vae_channels: tuple[int, ...] = (8, 8, 16, 16)  # 4 blocks: the same 8× latent scale as SD
+    text_layers: int = 2
+    sample_size: int = 8  # latent side; 64 px
+    motion_max_seq_length: int = 32
+
+    @property
+    def resolution(self) -> int:
+        return self.sample_size * 2 ** (len(self.vae_channels) - 1)
+
+
+def tiny_components(preset: TinyPreset = TinyPreset()) -> dict:
+    """Build the tiny preset's components: vae, text_encoder, tokenizer, unet (2D), motion_adapter, scheduler."""
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    ch = preset.block_out_channels
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's global RNG
+        torch.manual_seed(preset.seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=ch,
+            layers_per_block=1,
+            sample_size=preset.sample_size,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=preset.cross_attention_dim,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        motion_adapter = MotionAdapter(
+            block_out_channels=ch,
+            motion_layers_per_block=1,
+            motion_norm_num_groups=8,
+            motion_num_attention_heads=2,
+            motion_max_seq_length=preset.motion_max_seq_length,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=preset.vae_channels,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(preset.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(preset.vae_channels),
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            sample_size=preset.resolution,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=preset.cross_attention_dim,
+                intermediate_size=64,
+                num_hidden_layers=preset.text_layers,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    for m in (unet, motion_adapter, vae, text_encoder):
+        m.eval()
+    return dict(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        motion_adapter=motion_adapter,
+        scheduler=make_scheduler("ddim"),
+    )
+
+
+def save_tiny_model(folder: str | Path, preset: TinyPreset = TinyPreset()) -> Path:
+    """Write the tiny preset as a stock diffusers Stable Diffusion folder plus `motion_adapter/`."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} exists and is not empty; choose a new folder")
+    parts = tiny_components(preset)
+    adapter = parts.pop("motion_adapter")
+    sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.save_pretrained(folder)
+    adapter.save_pretrained(folder / "motion_adapter")
+    return folder
+
+
+def make_scheduler(name: str, base_config: dict | None = None):
+    """A scheduler by short name, on AnimateDiff's recommended settings (linear betas, no sample clipping)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    config = dict(base_config or {})
+    config.update(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, timestep_spacing="linspace"
+    )
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=False)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (the weights' native precision), fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _is_single_file(name: str) -> bool:
+    return name.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _not_found(what: str, name: str, detail: str = "") -> ModelNotFoundError:
+    hint = (
+        f"Give a hub id (e.g. {DEFAULT_BASE!r}), a local diffusers folder, a single-file "
+        ".safetensors checkpoint, or '--base tiny' for the offline random-weight preset."
+        if what == "base model"
+        else f"Give a hub id (e.g. {DEFAULT_MOTION_ADAPTER!r}) or a local folder saved with MotionAdapter.save_pretrained."
+    )
+    return ModelNotFoundError(f"{what} {name!r} not found{': ' + detail if detail else ''}. {hint}")
+
+
+def _resolve(what: str, name: str) -> tuple[str, bool]:
+    """Return (name, is_local). A string that is neither an existing path nor an `owner/name` id fails here."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path), True
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")) and not _is_single_file(name):
+        return name, False
+    raise _not_found(what, name, "no such file or folder")
+
+
+def _from_pretrained(cls, what: str, name: str, **kwargs):
+    """`cls.from_pretrained` with hub/IO failures turned into one clear error."""
+    name, is_local = _resolve(what, name)
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # hub errors subclass OSError; unreadable configs raise ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the local folder is not a readable diffusers model" if is_local else "not reachable on the hub"
+        raise _not_found(what, name, f"{where} ({first})") from None
+
+
+def load_motion_adapter(name: str, dtype: torch.dtype | None = None):
+    from diffusers import MotionAdapter
+
+    return _from_pretrained(MotionAdapter, "motion adapter", name, dtype=dtype)
+
+
+def load_base(name: str, dtype: torch.dtype | None = None, config: str | None = None) -> dict:
+    """Components of an SD-1.5-family model: a hub id, a diffusers folder, or a single-file checkpoint.
+
+    A single-file checkpoint (the Civitai form) is converted by diffusers; `config` names the diffusers
+    folder or hub id whose configs describe it (default: SD-1.5's, which needs the hub once).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if _is_single_file(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise _not_found("base model", name, "no such checkpoint file")
+        cfg = config or DEFAULT_BASE
+        try:
+            sd = StableDiffusionPipeline.from_single_file(str(path), config=cfg, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"--base {name!r}: could not read the checkpoint with configs from {cfg!r} ({first}). "
+                "Pass --base-config with a local diffusers SD-1.5 folder when offline."
+            ) from None
+    else:
+        sd = _from_pretrained(StableDiffusionPipeline, "base model", name, **kwargs)
+    return dict(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which models to load: `base` is 'tiny', a hub id, a diffusers folder or a .safetensors file."""
+
+    base: str = TINY
+    motion_adapter: str | None = None  # None: the base folder's motion_adapter/, else the AnimateDiff v1.5-2 adapter
+    base_config: str | None = None  # configs for a single-file base
+    scheduler: str = "ddim"
+
+    def check(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.base == TINY:
+            if self.motion_adapter not in (None, TINY):
+                raise ValueError("--motion-adapter cannot be combined with --base tiny (the preset has its own)")
+            return
+        if _is_single_file(self.base):
+            if not Path(self.base).expanduser().is_file():
+                raise _not_found("base model", self.base, "no such checkpoint file")
+        else:
+            _resolve("base model", self.base)
+        if self.motion_adapter not in (None, TINY):
+            _resolve("motion adapter", self.motion_adapter)
+
+    def adapter_name(self) -> str:
+        if self.motion_adapter not in (None, TINY):
+            return self.motion_adapter
+        local = Path(self.base).expanduser() / "motion_adapter"
+        return str(local) if local.is_dir() else DEFAULT_MOTION_ADAPTER
+
+
+def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available)."""
+    from diffusers import AnimateDiffPipeline
+
+    spec.check()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+    if spec.base == TINY:
+        parts = tiny_components()
+    else:
+        parts = load_base(spec.base, dtype=dtype, config=spec.base_config)
+        parts["motion_adapter"] = load_motion_adapter(spec.adapter_name(), dtype=dtype)
+    parts["scheduler"] = make_scheduler(spec.scheduler, dict(parts["scheduler"].config))
+    pipe = AnimateDiffPipeline(**parts)
+    if pipe.unet.dtype != dtype:  # the tiny preset is built in fp32; real weights were loaded in `dtype`
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+def fingerprint(name: str) -> dict:
+    """Identify a model for the run record: hub id, or a hash of a local file/folder's weight files.
+
+    Local weights are hashed over each file's name, size, and first and last MiB: a few ms for GBs,
+    and any re-save or edit of the weights changes it.
+    """
+    if name == TINY:
+        return {"name": TINY, "preset": TinyPreset().__dict__ | {"resolution": TinyPreset().resolution}}
+    path = Path(name).expanduser()
+    if not path.exists():
+        return {"name": name, "source": "hub"}
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
+    )
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return {"name": str(path.resolve()), "source": "local", "fingerprint": h.hexdigest()[:16]}

@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny preset, built once per session (offline, seeded)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow (long or GPU-only)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A CPU AnimateDiffPipeline on the tiny preset (shared: tests must not load identities into it)."""
+    from magicme.models import ModelSpec, load_pipeline
+
+    pipe = load_pipeline(ModelSpec(base="tiny"), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny preset saved as a stock diffusers folder (+ motion_adapter/)."""
+    from magicme.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
