@@ -60,6 +60,16 @@ def cmd_demo(args) -> None:
     print("(tiny preset: random weights, so the video is noise; see the README for real weights)")
 
 
+def cmd_ui(args) -> None:
+    try:
+        import gradio  # noqa: F401  (an optional extra)
+    except ModuleNotFoundError:
+        raise ValueError("magicme ui needs gradio: pip install 'magicme[ui]'") from None
+    from .ui import serve
+
+    serve(args.workdir, host=args.host, port=args.port, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magicme", description="Identity-specific video generation (Magic-Me / VCD).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('magicme').__version__}")
@@ -92,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="magicme-demo")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ui", help="the whole workflow in a browser (Gradio web app)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--workdir", default="magicme-ui", help="folder holding uploads, identities and videos (created)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -1,0 +1,307 @@
+"""`magicme ui`: the whole workflow in a browser (Gradio), bound to loopback by default.
+
+The handlers (`on_*`) are plain functions of a `Workspace` and the form values, so tests run them
+headless; `build_app` only wires them to components. Long handlers are generators: they yield the
+page's new state after each step, so progress shows live, and the Cancel button stops the job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from pathlib import Path
+
+from .workspace import Cancelled, Workspace, stream
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_PORT = 7860
+_GEN_DEFAULTS = None
+
+
+def generate_defaults() -> dict:
+    """GenerateConfig's defaults: the UI, the CLI and the Python API share them."""
+    global _GEN_DEFAULTS
+    if _GEN_DEFAULTS is None:
+        from .generate import GenerateConfig
+
+        _GEN_DEFAULTS = {f.name: f.default for f in fields(GenerateConfig) if not callable(f.default_factory)}
+    return _GEN_DEFAULTS
+
+
+def model_spec(base: str, motion_adapter: str, base_config: str, scheduler: str):
+    """The form's model fields as a `ModelSpec` (blank fields mean the defaults)."""
+    from .models import TINY, ModelSpec
+
+    return ModelSpec(
+        base=(base or "").strip() or TINY,
+        motion_adapter=(motion_adapter or "").strip() or None,
+        base_config=(base_config or "").strip() or None,
+        scheduler=scheduler or "ddim",
+    )
+
+
+def _int(value, name: str) -> int:
+    if value is None or float(value) != int(float(value)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(float(value))
+
+
+# ---- handlers: plain functions, run headless by the tests
+
+
+def on_upload(ws: Workspace, files: list[str] | None, class_word: str) -> tuple[str, list[str], str]:
+    """Store uploaded photos as a new reference set; return (set name, stored image paths, status)."""
+    name = ws.save_references(files or [], class_word)
+    images, record = ws.reference_set(name)
+    return name, [str(p) for p in images], f"Stored {record['count']} photo(s) of a {record['class_word']} as {name}."
+
+
+def on_pick_set(ws: Workspace, name: str | None) -> tuple[list[str], str]:
+    """The stored photos and class word of a reference set."""
+    if not name:
+        return [], ""
+    images, record = ws.reference_set(name)
+    return [str(p) for p in images], record["class_word"]
+
+
+def on_import_identity(ws: Workspace, file: str | None) -> tuple[str, str]:
+    name = ws.import_identity(file)
+    return name, f"Imported identity {name}."
+
+
+def on_generate(
+    ws: Workspace,
+    model: tuple[str, str, str, str],
+    prompt: str,
+    negative_prompt: str,
+    identities: list[str] | None,
+    gamma: float,
+    frames,
+    steps,
+    seed,
+    guidance: float,
+    fps,
+    progress: Callable[[int, int], None] = lambda step, steps: None,
+) -> Iterator[tuple[str, str | None, dict | None]]:
+    """Generate one clip; yield (status, video path or None, its settings or None) as it goes."""
+    from .generate import GenerateConfig
+
+    cfg = GenerateConfig(
+        prompts=[(prompt or "").strip()],
+        negative_prompt=negative_prompt or "",
+        seeds=[_int(seed, "seed")],
+        frames=_int(frames, "frames"),
+        steps=_int(steps, "steps"),
+        guidance=float(guidance),
+        gamma=float(gamma),
+        fps=_int(fps, "fps"),
+        identities=list(identities or []),
+        models=model_spec(*model),
+    )
+    yield "Loading the model…", None, None
+    try:
+        for kind, value in stream(lambda report: ws.generate(cfg, report)):
+            if kind == "progress":
+                progress(value["step"], value["steps"])
+                yield f"Denoising: step {value['step']}/{value['steps']}", None, None
+            else:
+                yield f"Done: {value}", str(ws.video_path(value)), ws.video_settings(value)
+    except Cancelled:
+        yield "Cancelled; nothing was written.", None, None
+
+
+def on_pick_video(ws: Workspace, name: str | None) -> tuple[str | None, dict | None]:
+    """A stored video and its run record."""
+    if not name:
+        return None, None
+    return str(ws.video_path(name)), ws.video_settings(name)
+
+
+def video_choices(ws: Workspace) -> list[tuple[str, str]]:
+    """(label, name) per stored video, newest first; the label starts with its prompt."""
+    out = []
+    for name in ws.videos():
+        settings = ws.video_settings(name)
+        prompt = settings.get("prompt", "")
+        out.append((f"{prompt[:48]}{'…' if len(prompt) > 48 else ''} · {settings.get('task', '?')} · {name}", name))
+    return out
+
+
+def video_gallery(ws: Workspace) -> list[tuple[str, str]]:
+    """(path, caption = name) per stored video, for the gallery."""
+    return [(str(ws.video_path(n)), n) for n in ws.videos()]
+
+
+# ---- wiring
+
+
+def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, workspace: Workspace | None = None):
+    """The Gradio app over one work directory (`gr.Blocks`, not launched)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from .models import SCHEDULERS
+
+    ws = workspace or Workspace(workdir, device=device)
+    d = generate_defaults()
+
+    def guarded(fn):
+        """User errors become a red message on the page instead of a traceback."""
+        def run(*args):
+            try:
+                return fn(*args)
+            except (ValueError, FileNotFoundError, FileExistsError) as e:
+                raise gr.Error(str(e)) from None
+        return run
+
+    def guarded_stream(fn):
+        def run(*args, progress=gr.Progress()):
+            try:
+                yield from fn(*args, progress=lambda i, n: progress((i, n), desc="denoising"))
+            except (ValueError, FileNotFoundError, FileExistsError) as e:
+                raise gr.Error(str(e)) from None
+        return run
+
+    def sets_update(selected=None):
+        names = ws.reference_sets()
+        return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
+
+    def identities_update(selected=None):
+        return gr.update(choices=ws.identities(), value=selected)
+
+    def videos_update(selected=None):
+        choices = video_choices(ws)
+        names = [n for _, n in choices]
+        return gr.update(choices=choices, value=selected if selected in names else None), video_gallery(ws)
+
+    with gr.Blocks(title="magicme", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# magicme\nIdentity-specific video generation (Magic-Me / VCD). "
+            "Upload photos of a subject → make its identity → generate videos. "
+            f"Everything is stored under `{ws.root}`."
+        )
+        with gr.Accordion("Model", open=False):
+            gr.Markdown("`tiny` is the offline random-weight preset (its videos are noise). "
+                        "For real videos give an SD-1.5-family base model (hub id, folder or .safetensors) and a motion adapter.")
+            with gr.Row():
+                base = gr.Textbox("tiny", label="Base model", elem_id="base")
+                adapter = gr.Textbox("", label="Motion adapter", placeholder="default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2")
+                base_config = gr.Textbox("", label="Base config (single-file base only)")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler")
+        model = [base, adapter, base_config, scheduler]
+
+        with gr.Tabs():
+            with gr.Tab("1 · Photos & identity", id="identity"):
+                with gr.Row():
+                    with gr.Column():
+                        photos = gr.File(label=f"Reference photos (JPEG/PNG/WebP, up to {ws.limits.max_files})",
+                                         file_count="multiple", file_types=["image"], elem_id="photos")
+                        class_word = gr.Textbox(label="Class word", placeholder="dog, woman, teddy bear …", elem_id="class_word")
+                        upload_btn = gr.Button("Save photos", variant="primary", elem_id="save_photos")
+                        upload_status = gr.Markdown(elem_id="upload_status")
+                    with gr.Column():
+                        ref_set = gr.Dropdown(ws.reference_sets(), label="Reference sets", elem_id="ref_set")
+                        ref_images = gr.Gallery(label="Photos", columns=4, height=260, elem_id="ref_images")
+                with gr.Row():
+                    id_file = gr.File(label="Import an identity (.safetensors)", file_types=[".safetensors"], elem_id="id_file")
+                    with gr.Column():
+                        import_btn = gr.Button("Import identity", elem_id="import_identity")
+                        import_status = gr.Markdown()
+
+            with gr.Tab("2 · Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column():
+                        prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a <v*> dog running on the beach", elem_id="prompt")
+                        negative = gr.Textbox(d["negative_prompt"], label="Negative prompt")
+                        identities = gr.Dropdown(ws.identities(), multiselect=True, label="Identities (the prompt must use their tokens)", elem_id="identities")
+                        gamma = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, label="γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)", elem_id="gamma")
+                        with gr.Row():
+                            frames = gr.Number(d["frames"], label="Frames", precision=0, minimum=1, elem_id="frames")
+                            steps = gr.Number(d["steps"], label="Steps", precision=0, minimum=1, elem_id="steps")
+                            seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                        with gr.Row():
+                            guidance = gr.Number(d["guidance"], label="Guidance", minimum=0)
+                            fps = gr.Number(d["fps"], label="FPS", precision=0, minimum=1)
+                        with gr.Row():
+                            gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                            cancel_gen = gr.Button("Cancel", variant="stop", elem_id="cancel_generate")
+                    with gr.Column():
+                        gen_status = gr.Markdown(elem_id="gen_status")
+                        gen_video = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, elem_id="gen_video")
+                        gen_settings = gr.JSON(label="Settings (run record)", elem_id="gen_settings")
+
+            with gr.Tab("3 · Videos", id="videos"):
+                with gr.Row():
+                    with gr.Column():
+                        video_pick = gr.Dropdown(video_choices(ws), label="Videos", elem_id="video_pick")
+                        refresh = gr.Button("Refresh")
+                        library = gr.Gallery(video_gallery(ws), label="All videos", columns=4, height=320, elem_id="library")
+                    with gr.Column():
+                        lib_video = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, elem_id="lib_video")
+                        lib_settings = gr.JSON(label="Settings (run record)", elem_id="lib_settings")
+
+        # photos
+        upload_btn.click(guarded(lambda f, c: on_upload(ws, f, c)), [photos, class_word], [ref_set, ref_images, upload_status]).then(
+            lambda name: sets_update(name), ref_set, ref_set)
+        ref_set.input(guarded(lambda n: on_pick_set(ws, n)), ref_set, [ref_images, class_word])
+        import_btn.click(guarded(lambda f: on_import_identity(ws, f)[1]), id_file, import_status).then(
+            lambda: identities_update(), None, identities)
+
+        # generate
+        gen_event = gen_btn.click(
+            guarded_stream(lambda *a, progress: on_generate(ws, a[:4], *a[4:], progress=progress)),
+            [*model, prompt, negative, identities, gamma, frames, steps, seed, guidance, fps],
+            [gen_status, gen_video, gen_settings],
+        )
+        gen_event.then(lambda: videos_update(), None, [video_pick, library])
+        cancel_gen.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, gen_status)
+
+        # videos
+        video_pick.input(guarded(lambda n: on_pick_video(ws, n)), video_pick, [lib_video, lib_settings])
+        refresh.click(lambda: videos_update(), None, [video_pick, library])
+
+        def pick_from_gallery(evt: gr.SelectData):
+            name = (evt.value or {}).get("caption") if isinstance(evt.value, dict) else None
+            video, settings = on_pick_video(ws, name)
+            return gr.update(value=name), video, settings
+
+        library.select(guarded(pick_from_gallery), None, [video_pick, lib_video, lib_settings])
+        app.load(lambda: (sets_update(), identities_update(), *videos_update()), None, [ref_set, identities, video_pick, library])
+
+    app.magicme_workspace = ws
+    return app
+
+
+def check_server_args(host: str, port: int) -> None:
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"--host must be an address such as 127.0.0.1, got {host!r}")
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {port!r}")
+
+
+def serve(workdir: str | Path = "magicme-ui", host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None) -> None:
+    """`magicme ui`: check the arguments, build the app over `workdir` and serve it until interrupted."""
+    check_server_args(host, port)
+    launch(build_app(workdir, device=device), host=host, port=port)
+
+
+def launch(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, block: bool = True, quiet: bool = False):
+    """Serve `app` on host:port with nothing reaching the network (no share link, no analytics, no SSR node)."""
+    check_server_args(host, port)
+    if host not in LOOPBACK and not quiet:
+        print(f"warning: --host {host} exposes the UI (no login) to other machines", flush=True)
+    ws: Workspace = app.magicme_workspace
+    app.queue(default_concurrency_limit=1)
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(ws.root)],
+        max_file_size=ws.limits.max_bytes,
+        ssr_mode=False,
+        quiet=quiet,
+        footer_links=[],
+        show_error=True,
+    )
