@@ -130,7 +130,7 @@ def stream(work: Callable[[Callable[..., None]], Any], poll: float = 0.1) -> Ite
             return
 
 
-@dataclass
+@dataclass(eq=False)  # identity-hashed: one entry per running job
 class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
