@@ -7,10 +7,13 @@ page's new state after each step, so progress shows live, and the Cancel button 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+
+import gradio as gr  # this module is the web UI; the CLI imports it only for `magicme ui`
 
 from .workspace import Cancelled, Workspace, stream
 
@@ -138,9 +141,7 @@ def video_gallery(ws: Workspace) -> list[tuple[str, str]]:
 
 def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, workspace: Workspace | None = None):
     """The Gradio app over one work directory (`gr.Blocks`, not launched)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
-
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings or version checks
     from .models import SCHEDULERS
 
     ws = workspace or Workspace(workdir, device=device)
@@ -148,6 +149,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
 
     def guarded(fn):
         """User errors become a red message on the page instead of a traceback."""
+        @functools.wraps(fn)
         def run(*args):
             try:
                 return fn(*args)
@@ -202,7 +204,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                         upload_status = gr.Markdown(elem_id="upload_status")
                     with gr.Column():
                         ref_set = gr.Dropdown(ws.reference_sets(), label="Reference sets", elem_id="ref_set")
-                        ref_images = gr.Gallery(label="Photos", columns=4, height=260, elem_id="ref_images")
+                        ref_images = gr.Gallery(label="Photos", columns=4, height=260, buttons=["download"], elem_id="ref_images")
                 with gr.Row():
                     id_file = gr.File(label="Import an identity (.safetensors)", file_types=[".safetensors"], elem_id="id_file")
                     with gr.Column():
@@ -236,14 +238,17 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                     with gr.Column():
                         video_pick = gr.Dropdown(video_choices(ws), label="Videos", elem_id="video_pick")
                         refresh = gr.Button("Refresh")
-                        library = gr.Gallery(video_gallery(ws), label="All videos", columns=4, height=320, elem_id="library")
+                        library = gr.Gallery(video_gallery(ws), label="All videos", columns=4, height=320, buttons=["download"], elem_id="library")
                     with gr.Column():
                         lib_video = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, elem_id="lib_video")
                         lib_settings = gr.JSON(label="Settings (run record)", elem_id="lib_settings")
 
         # photos
-        upload_btn.click(guarded(lambda f, c: on_upload(ws, f, c)), [photos, class_word], [ref_set, ref_images, upload_status]).then(
-            lambda name: sets_update(name), ref_set, ref_set)
+        def upload(files, word):
+            name, images, status = on_upload(ws, files, word)
+            return sets_update(name), images, status
+
+        upload_btn.click(guarded(upload), [photos, class_word], [ref_set, ref_images, upload_status])
         ref_set.input(guarded(lambda n: on_pick_set(ws, n)), ref_set, [ref_images, class_word])
         import_btn.click(guarded(lambda f: on_import_identity(ws, f)[1]), id_file, import_status).then(
             lambda: identities_update(), None, identities)
@@ -266,7 +271,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             video, settings = on_pick_video(ws, name)
             return gr.update(value=name), video, settings
 
-        library.select(guarded(pick_from_gallery), None, [video_pick, lib_video, lib_settings])
+        library.select(pick_from_gallery, None, [video_pick, lib_video, lib_settings])
         app.load(lambda: (sets_update(), identities_update(), *videos_update()), None, [ref_set, identities, video_pick, library])
 
     app.magicme_workspace = ws
