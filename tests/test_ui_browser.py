@@ -4,7 +4,7 @@ Uploads photos, imports an identity, generates a clip with it and checks that th
 every request that would leave the machine is blocked and counted. Screenshots go to test-artifacts/.
 """
 
-import shutil
+import re
 import socket
 from pathlib import Path
 
@@ -93,6 +93,17 @@ def test_upload_photos(page, server, tmp_path):
     shot(page, "ui_photos.png")
 
 
+def test_bad_upload_is_refused_with_a_message(page, server, tmp_path):
+    _, ws = server
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"<script>alert(1)</script>")
+    before = ws.reference_sets()
+    page.locator("#photos input[type=file]").set_input_files(str(fake))
+    page.locator("#save_photos").click()
+    page.get_by_text(re.compile(r"photo \d: not a readable image")).first.wait_for()
+    assert ws.reference_sets() == before
+
+
 def test_import_identity_generate_and_play(page, server, tmp_path):
     from magicme.identity import IdentityInfo, save_identity
 
@@ -131,3 +142,20 @@ def test_import_identity_generate_and_play(page, server, tmp_path):
     page.locator("#lib_video video").wait_for()
     shot(page, "ui_videos.png")
     assert page.external == []
+
+
+def test_cancel_stops_a_running_generation(page, server):
+    _, ws = server
+    before = ws.videos()
+    page.get_by_role("tab", name="2 · Generate").click()
+    page.locator("#prompt textarea").fill("a dog")
+    page.locator("#frames input").fill("2")
+    page.locator("#steps input").fill("900")
+    page.locator("#generate").click()
+    try:
+        page.locator("#gen_status").get_by_text("Denoising: step").wait_for(timeout=30_000)
+    finally:
+        shot(page, "ui_cancel.png")
+    page.locator("#cancel_generate").click()
+    page.locator("#gen_status").get_by_text("Cancelled; nothing was written.").wait_for(timeout=60_000)
+    assert ws.videos() == before
