@@ -148,7 +148,7 @@ def test_cancel_stops_a_running_generation(page, server):
     _, ws = server
     before = ws.videos()
     page.get_by_role("tab", name="2 · Generate").click()
-    page.locator("#prompt textarea").fill("a dog")
+    page.locator("#prompt textarea").fill("a <v*> dog")  # the identity picked above stays picked
     page.locator("#frames input").fill("2")
     page.locator("#steps input").fill("900")
     page.locator("#generate").click()
