@@ -185,7 +185,7 @@ def gamma_sweep_plot(groups: list[Group], path: Path) -> Path:
         ax.set_xlabel("motion magnitude (mean |Δ pixel| between frames)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("γ sweep: temporal consistency vs motion")
     _atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -200,12 +200,15 @@ def contact_sheet(group: Group, path: Path, max_videos: int = 64, thumb: int = 9
     from .video import read_video
 
     rows = group.rows[:max_videos]
-    label_w, pad = 180, 4
-    sheet = Image.new("RGB", (label_w + 3 * (thumb + pad), max(1, len(rows)) * (thumb + pad)), "white")
+    label_w, pad, head = 220, 4, 16
+    sheet = Image.new("RGB", (label_w + 3 * (thumb + pad), head + max(1, len(rows)) * (thumb + pad)), "white")
     draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(("first", "middle", "last")):
+        draw.text((label_w + j * (thumb + pad) + 4, 2), name, fill="black")
     for i, r in enumerate(rows):
-        top = i * (thumb + pad)
-        text = f"{r['subject']}\np{r.get('prompt_index', 0):03d} seed {r['seed']}"
+        top = head + i * (thumb + pad)
+        prompt = r["prompt"] if len(r["prompt"]) <= 34 else r["prompt"][:33] + "…"
+        text = f"{r['subject']}  seed {r['seed']}\n{prompt}"
         try:
             frames = read_video(group.results.parent / r["video"])
             picks = [frames[0], frames[len(frames) // 2], frames[-1]]
@@ -213,8 +216,9 @@ def contact_sheet(group: Group, path: Path, max_videos: int = 64, thumb: int = 9
             picks, text = [], text + "\n(video missing)"
         draw.multiline_text((4, top + 4), text, fill="black")
         for j, frame in enumerate(picks):
-            im = Image.fromarray(frame)
-            im.thumbnail((thumb, thumb))
+            h, w = frame.shape[:2]
+            scale = thumb / max(h, w)  # up or down to the cell, aspect kept
+            im = Image.fromarray(frame).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.NEAREST)
             sheet.paste(im, (label_w + j * (thumb + pad), top))
         if not picks:
             draw.rectangle([label_w, top, label_w + 3 * (thumb + pad) - pad, top + thumb], fill=(200, 200, 200))
