@@ -159,17 +159,20 @@ def load_suite(path: str | Path, **overrides) -> SuiteConfig:
         raise ValueError(f"--subjects {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("subjects"), list):
         raise ValueError(f"--subjects {str(path)!r} must be a mapping with a 'subjects:' list")
+    root = path.parent
+    for key in ("face_model", "face_detector"):  # the file's paths are relative to it; a flag's to the cwd
+        if doc.get(key):
+            doc[key] = str(root / doc[key])
+    for key in ("base", "motion_adapter", "base_config", "clip_model", "dino_model"):  # a local model, or a hub id
+        if isinstance(doc.get(key), str) and (root / doc[key]).exists():
+            doc[key] = str(root / doc[key])
     doc.update({k: v for k, v in overrides.items() if v is not None})
     known = {"subjects"} | set(_MODEL_KEYS) | set(_METRIC_KEYS) | _PLAIN_KEYS
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ValueError(f"--subjects {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
-    root = path.parent
     subjects = [_subject(entry, i, root, path) for i, entry in enumerate(doc["subjects"])]
     plain = {k: doc[k] for k in _PLAIN_KEYS if k in doc}
-    for key in ("face_model", "face_detector"):
-        if plain.get(key):
-            plain[key] = str(root / plain[key])
     if "seeds" in plain:
         plain["seeds"] = list(plain["seeds"]) if isinstance(plain["seeds"], (list, tuple)) else [plain["seeds"]]
     cfg = SuiteConfig(
@@ -397,13 +400,13 @@ def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | Non
     configuration = cfg.configuration()
     cid = config_id(configuration)
     subjects = subject_fingerprints(cfg)
-    existing = [r for p in [results, *part_paths(results)] for r in read_rows(p)]
-    check_compatible(existing, configuration, subjects, results)
-
     # cpu=True lets torchrun-launched processes on a GPU-less machine form a gloo group (MULTI_CPU)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    existing = [r for p in [results, *part_paths(results)] for r in read_rows(p)]
+    check_compatible(existing, configuration, subjects, results)
     done = {row_key(r) for r in existing}
     todo = [j for j in jobs(cfg) if j.key not in done]
+    state.wait_for_everyone()  # every process has read the same rows before any process writes one
     mine = todo[state.process_index :: state.num_processes]
     out = results if state.num_processes == 1 else results.with_name(f"{results.name}.part-{state.process_index:03d}")
     if mine:
@@ -423,7 +426,8 @@ def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | Non
                 height=height, width=width, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
             )
             frames = to_uint8(frames)
-            clip = videos / s.name / f"p{job.prompt_index:03d}_s{job.seed}.{cfg.video_format}"
+            tag = hashlib.sha256(job.prompt.encode()).hexdigest()[:8]  # an edited prompt list never overwrites a kept clip
+            clip = videos / s.name / f"p{job.prompt_index:03d}_{tag}_s{job.seed}.{cfg.video_format}"
             clip.parent.mkdir(parents=True, exist_ok=True)
             write_video(frames, clip)
             write_sidecar(clip, run_record(cfg.generate_config(s), job.prompt, job.seed, height, width))
