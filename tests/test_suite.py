@@ -207,3 +207,22 @@ def test_two_accelerate_processes_give_the_rows_of_one(project):
         assert {k: v for k, v in a[key].items() if k not in METRICS + ("video",)} == {
             k: v for k, v in b[key].items() if k not in METRICS + ("video",)
         }
+
+
+def test_baseline_subject_without_identity(project):
+    """Table 1's no-ID-module baselines: `identity: none`, plain class-word prompts, no token needed."""
+    path = project / "subjects.yaml"
+    doc = json.loads(path.read_text())
+    doc["seeds"] = [0]
+    doc["subjects"] = [{"name": "dog-sd", "identity": "none", "references": "refs", "class_word": "dog",
+                        "prompts": ["a dog on the beach"]}]
+    path.write_text(json.dumps(doc))
+    results = project / "baseline.jsonl"
+    run_suite(load_suite(path), results, device="cpu", quiet=True)
+    [row] = read_rows(results)
+    assert row["token"] is None and row["masked"] is None and row["identity"] is None
+    assert row["scored_prompt"] == "a dog on the beach" and row["class_word"] == "dog"
+    del doc["subjects"][0]["class_word"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="class word"):
+        load_suite(path)

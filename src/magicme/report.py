@@ -112,8 +112,8 @@ def load_groups(results: list[str | Path], labels: list[str] | None = None) -> l
                 "(pass several --results to compare them)"
             )
         label = labels[i] if labels else path.name.removesuffix(".jsonl")
-        masked = [r for r in rows if r.get("masked", True)]
-        unmasked = [r for r in rows if not r.get("masked", True)]
+        masked = [r for r in rows if r.get("masked") is not False]  # None: a baseline without identity
+        unmasked = [r for r in rows if r.get("masked") is False]
         if masked:
             groups.append(Group(label, masked, path))
         if unmasked:

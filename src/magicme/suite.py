@@ -8,7 +8,8 @@ the main process merges them at the end (deduplicated by job, so no row is lost 
 
 Ablations (Table 2): `gamma: 0` is "w/o 3D Gaussian noise prior"; "w/o prompt-to-segmentation"
 is a subject whose identity was trained without the mask (its file's `masked` metadata, copied
-into every row).
+into every row). Baselines without an ID module (Table 1's "SD", "Realistic Vision"): a subject with
+`identity: none` and plain class-word prompts, in a results file of its own `base`.
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ VIDEO_FORMATS = ("mp4", "gif")
 
 @dataclass(frozen=True)
 class Subject:
-    """One subject of the protocol: its identity file, reference photos, class word and prompts."""
+    """One subject of the protocol: its identity file, reference photos, class word and prompts.
+
+    `identity` None is the no-ID-module baseline: prompts are used as written, with the class word.
+    """
 
     name: str
-    identity: Path
+    identity: Path | None
     references: Path
     prompts: tuple[str, ...]
     class_word: str = ""  # "": the identity file's
 
-    def info(self) -> IdentityInfo:
-        return read_identity_info(self.identity)
+    def info(self) -> IdentityInfo | None:
+        return read_identity_info(self.identity) if self.identity is not None else None
 
 
 @dataclass
@@ -70,7 +74,7 @@ class SuiteConfig:
         return GenerateConfig(
             prompts=list(subject.prompts), negative_prompt=self.negative_prompt, seeds=list(self.seeds),
             frames=self.frames, height=self.height, width=self.width, steps=self.steps, guidance=self.guidance,
-            gamma=self.gamma, identities=[str(subject.identity)], models=self.models,
+            gamma=self.gamma, identities=[str(subject.identity)] if subject.identity else [], models=self.models,
         )
 
     def check(self) -> None:
@@ -92,19 +96,19 @@ class SuiteConfig:
         self.metrics.check()
         for s in self.subjects:
             where = f"--subjects: subject {s.name!r}"
-            if not s.identity.is_file():
+            if s.identity is not None and not s.identity.is_file():
                 raise FileNotFoundError(f"{where}: identity file {str(s.identity)!r} does not exist")
             if not s.references.is_dir():
                 raise FileNotFoundError(f"{where}: reference folder {str(s.references)!r} does not exist")
             try:
                 load_reference_images(s.references)
                 info = s.info()
-                if not (s.class_word or info.class_word).strip():
+                if not (s.class_word or (info.class_word if info else "")).strip():
                     raise ValueError("no class word (give class_word: in the subjects file)")
                 if not s.prompts:
                     raise ValueError("the prompt list is empty")
                 self.generate_config(s).check()
-                check_prompt_tokens(list(s.prompts), [info])
+                check_prompt_tokens(list(s.prompts), [info] if info else [])
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"{where}: {e}") from None
 
@@ -198,7 +202,7 @@ def _subject(entry, i: int, root: Path, path: Path) -> Subject:
         raise ValueError(f"--subjects: subject {name!r}: prompts must be a list of non-empty strings")
     return Subject(
         name=name,
-        identity=(root / str(entry["identity"])),
+        identity=None if entry["identity"] in (None, "none") else root / str(entry["identity"]),
         references=(root / str(entry["references"])),
         prompts=tuple(prompts),
         class_word=str(entry.get("class_word") or ""),
@@ -330,7 +334,8 @@ def subject_fingerprints(cfg: SuiteConfig) -> dict[str, dict]:
         for p in sorted(s.references.iterdir()):
             if p.is_file():
                 h.update(p.name.encode() + hashlib.sha256(p.read_bytes()).digest())
-        out[s.name] = {"identity": fingerprint(str(s.identity)).get("fingerprint"), "references": h.hexdigest()[:16]}
+        ident = fingerprint(str(s.identity)).get("fingerprint") if s.identity else None
+        out[s.name] = {"identity": ident, "references": h.hexdigest()[:16]}
     return out
 
 
@@ -420,7 +425,7 @@ def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | Non
         show = not quiet and sys.stderr.isatty() and state.is_main_process
         for job in tqdm(mine, desc="suite", disable=not show):
             s = job.subject
-            info = use_identity(pipe, s.identity, loaded)
+            info = use_identity(pipe, s.identity, loaded) if s.identity else None
             frames = generate_video(
                 pipe, job.prompt, negative_prompt=cfg.negative_prompt, seed=job.seed, frames=cfg.frames,
                 height=height, width=width, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
@@ -431,11 +436,12 @@ def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | Non
             clip.parent.mkdir(parents=True, exist_ok=True)
             write_video(frames, clip)
             write_sidecar(clip, run_record(cfg.generate_config(s), job.prompt, job.seed, height, width))
-            class_word = s.class_word or info.class_word
-            metrics = scorer.score(frames, s.references, job.prompt, token=info.token, class_word=class_word)
+            class_word = (s.class_word or info.class_word) if info else s.class_word
+            token = info.token if info else None
+            metrics = scorer.score(frames, s.references, job.prompt, token=token, class_word=class_word)
             row = {
                 "config_id": cid, "subject": s.name, "prompt": job.prompt, "prompt_index": job.prompt_index,
-                "seed": job.seed, "class_word": class_word, "token": info.token, "masked": info.masked,
+                "seed": job.seed, "class_word": class_word, "token": token, "masked": info.masked if info else None,
                 "gamma": cfg.gamma, "video": os.path.relpath(clip, results.parent), **subjects[s.name],
                 **metrics, "config": configuration,
             }
