@@ -193,3 +193,17 @@ def test_evaluate_cli(metric_models, refs, tmp_path, capsys):
     assert main([*args[:2], str(tmp_path / "missing.mp4"), *args[3:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_sface_embedder_names_missing_or_unreadable_files(tmp_path):
+    from magicme.evaluate import face_embedder
+
+    assert face_embedder(None, None) is None
+    with pytest.raises(ValueError, match="go together"):
+        face_embedder(tmp_path / "sface.onnx", None)
+    with pytest.raises(FileNotFoundError, match="--face-model"):
+        face_embedder(tmp_path / "sface.onnx", tmp_path / "yunet.onnx")
+    for name in ("sface.onnx", "yunet.onnx"):
+        (tmp_path / name).write_bytes(b"not an onnx model")
+    with pytest.raises(ValueError, match="could not be read by OpenCV"):
+        face_embedder(tmp_path / "sface.onnx", tmp_path / "yunet.onnx")
