@@ -66,14 +66,15 @@ def _metric_models(args):
     return MetricModels(clip=args.clip_model, dino=args.dino_model, batch_size=args.batch_size)
 
 
-def _add_metric_args(p: argparse.ArgumentParser, defaults: bool) -> None:
-    from_file = " (default: the subjects file's, else %s)"
+def _add_metric_args(p: argparse.ArgumentParser, from_file: bool = False) -> None:
+    """Metric-model flags; with `from_file` (the suite) an absent flag keeps the subjects file's value."""
+    where = ", or the subjects file's" if from_file else ""
     g = p.add_argument_group("metric models")
-    g.add_argument("--clip-model", default="openai/clip-vit-base-patch32" if defaults else None,
-                   help="CLIP for CLIP-I/CLIP-T: hub id or folder, e.g. openai/clip-vit-large-patch14" + (from_file % "openai/clip-vit-base-patch32" if not defaults else ""))
-    g.add_argument("--dino-model", default="facebook/dino-vits16" if defaults else None,
-                   help="DINO for the DINO metric: a ViT or DINOv2 hub id or folder, e.g. facebook/dinov2-small" + (from_file % "facebook/dino-vits16" if not defaults else ""))
-    g.add_argument("--batch-size", type=int, default=32 if defaults else None, help="frames per forward pass (default 32)")
+    g.add_argument("--clip-model", default=None if from_file else "openai/clip-vit-base-patch32",
+                   help=f"CLIP for CLIP-I/CLIP-T: hub id or folder (default openai/clip-vit-base-patch32{where})")
+    g.add_argument("--dino-model", default=None if from_file else "facebook/dino-vits16",
+                   help=f"ViT or DINOv2 for the DINO metric, e.g. facebook/dinov2-small (default facebook/dino-vits16{where})")
+    g.add_argument("--batch-size", type=int, default=None if from_file else 32, help=f"frames per forward pass (default 32{where})")
     g.add_argument("--face-model", default=None, help="face identity similarity: SFace .onnx (cv2.FaceRecognizerSF); needs --face-detector")
     g.add_argument("--face-detector", default=None, help="YuNet .onnx (cv2.FaceDetectorYN) that finds the face for --face-model")
 
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="identity token in the prompt, replaced by --class-word for CLIP-T")
     p.add_argument("--class-word", default=None, help="the subject's class, e.g. dog")
     p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda when available)")
-    _add_metric_args(p, defaults=True)
+    _add_metric_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluate-suite", help="the paper's protocol: subjects × prompts × seeds → generate → score (JSONL)")
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--video-format", default=None, choices=["mp4", "gif"], help="clip format (default mp4)")
     p.add_argument("--quiet", action="store_true")
-    _add_metric_args(p, defaults=False)
+    _add_metric_args(p, from_file=True)
     g = p.add_argument_group("models (default: the subjects file's, else the tiny preset)")
     g.add_argument("--base", default=None)
     g.add_argument("--motion-adapter", default=None)
