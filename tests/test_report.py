@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from magicme.cli import main
-from magicme.report import mean_ci, t_quantile, write_report
+from magicme.report import mean_ci, summary, t_quantile, write_report
 from magicme.video import write_video
 
 COLOURS = {"first": (255, 0, 0), "middle": (0, 255, 0), "last": (0, 0, 255)}
@@ -70,6 +70,8 @@ def test_report_renders_table_plot_and_contact_sheet(tmp_path):
     assert clip_i["Ours"] == f"{np.mean(values):.3f} ± {half:.3f}"
     assert clip_i["Ours w/o masked loss"] == f"{ours_rows[4]['clip_i']:.3f}"  # one video: no interval
     assert dict(zip(table[0], table[2 + names.index("Videos")]))["w/o noise prior"] == "3"
+    assert summary([ours, plain], ["Ours", "w/o noise prior"]).splitlines() == paths["markdown"].read_text().split(
+        "## Metrics (paper Table 1 layout)\n\n")[1].split("\n\n")[0].splitlines()
     subjects = tables[1]
     assert subjects[0][:3] == ["configuration", "subject", "videos"] and len(subjects) == 2 + 5  # 5 (group, subject) rows
 

@@ -103,6 +103,10 @@ def cmd_evaluate_suite(args) -> None:
     run = run_suite(cfg, args.results, videos=args.videos, quiet=args.quiet, device=args.device)
     print(f"process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
           f"{run.results} holds {run.rows} rows", file=sys.stderr)
+    if run.process_index == 0 and run.rows:
+        from .report import summary
+
+        print(summary([run.results]))
     if run.process_index == 0:
         print(run.results)
 

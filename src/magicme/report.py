@@ -159,6 +159,11 @@ def html_table(table: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def summary(results: list[str | Path], labels: list[str] | None = None) -> str:
+    """The metric table of `results` as Markdown (what `magicme evaluate-suite` prints when it finishes)."""
+    return markdown_table(metric_table(load_groups(results, labels)))
+
+
 # ---- figures ------------------------------------------------------------------------------------
 
 
