@@ -18,6 +18,12 @@ _EXPORTS = {
     "tiny_components": "models",
     "save_tiny_model": "models",
     "read_video": "video",
+    "Scorer": "evaluate",
+    "MetricModels": "evaluate",
+    "evaluate_video": "evaluate",
+    "load_suite": "suite",
+    "run_suite": "suite",
+    "write_report": "report",
     "write_video": "video",
 }
 
