@@ -123,7 +123,7 @@ def test_generate_handler_matches_cli_generate_and_records_settings(ws, tmp_path
     name = settings["output"]
     assert ws.videos()[0] == name and video == str(ws.video_path(name))
     assert (settings["gamma"], settings["seed"], settings["frames"], settings["steps"], settings["prompt"]) == (0.3, 7, 3, 2, "a dog running")
-    assert ui.on_pick_video(ws, name) == (video, settings)
+    assert ui.on_pick_video(ws, name) == (video, settings, None)
     assert any(n == name and lbl.startswith("a dog running") for lbl, n in ui.video_choices(ws))
     # the UI's clip is the library's: same frames as `generate` with the same settings
     cfg = GenerateConfig(prompts=["a dog running"], seeds=[7], frames=3, steps=2, gamma=0.3, models=ModelSpec())
@@ -180,6 +180,30 @@ def test_cancel_stops_at_the_next_step_and_writes_nothing(ws):
     outs = list(gen)
     assert outs[-1] == ("Cancelled; nothing was written.", None, None)
     assert sorted(p.name for p in (ws.root / "videos").iterdir()) == before
+
+
+def test_evaluate_handler_scores_like_evaluate_video_and_keeps_the_scores(ws, tmp_path):
+    from magicme.evaluate import MetricModels, evaluate_video, save_tiny_metric_models
+
+    metric = save_tiny_metric_models(tmp_path / "metric")
+    set_name = ws.save_references([photo(tmp_path / f"{i}.png", color=(i * 90, 40, 200)) for i in range(2)], "dog")
+    idname = ws.import_identity(str(identity_file(tmp_path / "e.safetensors", token="<ev>", seed=5)))
+    *_, (_, _, settings) = ui.on_generate(ws, TINY_MODEL, "a <ev> dog", "", [idname], 0.15, 3, 1, 0, 7.5, 8)
+    video = settings["output"]
+    with pytest.raises(ValueError, match="reference set"):
+        list(ui.on_evaluate(ws, video, None, metric.clip, metric.dino))
+    outs = list(ui.on_evaluate(ws, video, set_name, metric.clip, metric.dino))
+    table, scores = outs[-1]
+    assert "CLIP-I" in table and f"{scores['clip_i']:.4f}" in table
+    assert scores["scored_prompt"] == "a dog"  # the token replaced by the set's class word (§5.2)
+    expected = evaluate_video(ws.video_path(video), ws.root / "references" / set_name / "images", "a <ev> dog",
+                              token="<ev>", class_word="dog", models=MetricModels(clip=metric.clip, dino=metric.dino), device="cpu")
+    for key in ("dino", "clip_i", "clip_t", "temporal_dino", "temporal_clip"):
+        assert scores[key] == pytest.approx(expected[key], abs=1e-5)
+    assert ui.on_pick_video(ws, video)[2] == scores
+    scorer = ws._scorers[MetricModels(clip=metric.clip, dino=metric.dino)]
+    list(ui.on_evaluate(ws, video, set_name, metric.clip, metric.dino))
+    assert ws._scorers[MetricModels(clip=metric.clip, dino=metric.dino)] is scorer
 
 
 def test_pipeline_loaded_once_per_spec_and_reloaded_for_a_retrained_token(ws, tmp_path):

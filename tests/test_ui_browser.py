@@ -93,17 +93,6 @@ def test_upload_photos(page, server, tmp_path):
     shot(page, "ui_photos.png")
 
 
-def test_bad_upload_is_refused_with_a_message(page, server, tmp_path):
-    _, ws = server
-    fake = tmp_path / "photo.png"
-    fake.write_bytes(b"<script>alert(1)</script>")
-    before = ws.reference_sets()
-    page.locator("#photos input[type=file]").set_input_files(str(fake))
-    page.locator("#save_photos").click()
-    page.get_by_text(re.compile(r"photo \d: not a readable image")).first.wait_for()
-    assert ws.reference_sets() == before
-
-
 def test_import_identity_generate_and_play(page, server, tmp_path):
     from magicme.identity import IdentityInfo, save_identity
 
@@ -140,8 +129,25 @@ def test_import_identity_generate_and_play(page, server, tmp_path):
     page.get_by_role("button", name="Thumbnail 1 of 1").click()
     page.locator("#lib_settings").get_by_text(name).wait_for()
     page.locator("#lib_video video").wait_for()
-    shot(page, "ui_videos.png")
     assert page.external == []
+
+
+def test_score_the_video(page, server, tmp_path):
+    from magicme.evaluate import save_tiny_metric_models
+
+    _, ws = server
+    metric = save_tiny_metric_models(tmp_path / "metric")
+    (name,) = ws.videos()
+    page.locator("#eval_set input").click()
+    page.get_by_role("option", name=ws.reference_sets()[0]).click()
+    page.locator("#clip_model textarea").fill(metric.clip)
+    page.locator("#dino_model textarea").fill(metric.dino)
+    page.locator("#evaluate").click()
+    page.locator("#eval_status table").get_by_text("CLIP-I").wait_for()
+    scores = ws.metrics(name)
+    assert scores["reference_set"] == ws.reference_sets()[0] and scores["scored_prompt"] == "a dog on the beach"
+    assert page.locator("#eval_status td").first.inner_text() == f"{scores['dino']:.4f}"
+    shot(page, "ui_videos.png")
 
 
 def test_cancel_stops_a_running_generation(page, server):
@@ -159,3 +165,14 @@ def test_cancel_stops_a_running_generation(page, server):
     page.locator("#cancel_generate").click()
     page.locator("#gen_status").get_by_text("Cancelled; nothing was written.").wait_for(timeout=60_000)
     assert ws.videos() == before
+
+
+def test_bad_upload_is_refused_with_a_message(page, server, tmp_path):
+    _, ws = server
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"<script>alert(1)</script>")
+    before = ws.reference_sets()
+    page.locator("#photos input[type=file]").set_input_files(str(fake))
+    page.locator("#save_photos").click()
+    page.get_by_text(re.compile(r"photo \d: not a readable image")).first.wait_for()
+    assert ws.reference_sets() == before

@@ -114,11 +114,41 @@ def on_generate(
         yield "Cancelled; nothing was written.", None, None
 
 
-def on_pick_video(ws: Workspace, name: str | None) -> tuple[str | None, dict | None]:
-    """A stored video and its run record."""
+def on_pick_video(ws: Workspace, name: str | None) -> tuple[str | None, dict | None, dict | None]:
+    """A stored video, its run record and its last scores (None if never scored)."""
     if not name:
-        return None, None
-    return str(ws.video_path(name)), ws.video_settings(name)
+        return None, None, None
+    return str(ws.video_path(name)), ws.video_settings(name), ws.metrics(name)
+
+
+def on_evaluate(ws: Workspace, video: str | None, reference_set: str | None, clip_model: str, dino_model: str) -> Iterator[tuple[str, dict | None]]:
+    """Score a stored video against a reference set (paper §5.2); yield (status, scores or None)."""
+    from .evaluate import MetricModels
+
+    if not video:
+        raise ValueError("video: pick a video to score")
+    if not reference_set:
+        raise ValueError("reference set: pick the photos to compare the video with")
+    d = MetricModels()
+    models = MetricModels(clip=(clip_model or "").strip() or d.clip, dino=(dino_model or "").strip() or d.dino)
+    yield "Scoring…", None
+    try:
+        for kind, value in stream(lambda report: ws.evaluate(video, reference_set, models, report)):
+            if kind == "progress":
+                yield f"Scoring: {value['stage']}…", None
+            else:
+                yield metrics_table(value), value
+    except Cancelled:
+        yield "Cancelled.", None
+
+
+def metrics_table(scores: dict) -> str:
+    """The scores as a Markdown table in Table 1's order (higher is better for all)."""
+    from .evaluate import METRICS
+
+    names = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "temporal_dino": "T. Cons. (DINO)", "temporal_clip": "T. Cons. (CLIP)"}
+    cells = [f"{scores[m]:.4f}" if isinstance(scores.get(m), float) else "—" for m in METRICS]
+    return "| " + " | ".join(names[m] for m in METRICS) + " |\n|" + " --- |" * len(METRICS) + "\n| " + " | ".join(cells) + " |"
 
 
 def video_choices(ws: Workspace) -> list[tuple[str, str]]:
@@ -142,6 +172,7 @@ def video_gallery(ws: Workspace) -> list[tuple[str, str]]:
 def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, workspace: Workspace | None = None):
     """The Gradio app over one work directory (`gr.Blocks`, not launched)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings or version checks
+    from .evaluate import MetricModels
     from .models import SCHEDULERS
 
     ws = workspace or Workspace(workdir, device=device)
@@ -157,10 +188,14 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                 raise gr.Error(str(e)) from None
         return run
 
-    def guarded_stream(fn):
+    def guarded_stream(fn, desc: str | None = None):
+        """`guarded` for generator handlers; with `desc`, their (step, steps) reports drive a progress bar."""
         def run(*args, progress=gr.Progress()):
             try:
-                yield from fn(*args, progress=lambda i, n: progress((i, n), desc="denoising"))
+                if desc:
+                    yield from fn(*args, progress=lambda i, n: progress((i, n), desc=desc))
+                else:
+                    yield from fn(*args)
             except (ValueError, FileNotFoundError, FileExistsError) as e:
                 raise gr.Error(str(e)) from None
         return run
@@ -242,20 +277,33 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                     with gr.Column():
                         lib_video = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, elem_id="lib_video")
                         lib_settings = gr.JSON(label="Settings (run record)", elem_id="lib_settings")
+                with gr.Accordion("Metrics (paper §5.2): CLIP-I, DINO, CLIP-T, temporal consistency", open=True):
+                    gr.Markdown("Scores the selected video against a reference set. Metric models: hub ids or local folders "
+                                "(offline, use folders saved with `save_pretrained`).")
+                    with gr.Row():
+                        eval_set = gr.Dropdown(ws.reference_sets(), label="Reference set", elem_id="eval_set")
+                        clip_model = gr.Textbox(MetricModels().clip, label="CLIP model", elem_id="clip_model")
+                        dino_model = gr.Textbox(MetricModels().dino, label="DINO model", elem_id="dino_model")
+                    with gr.Row():
+                        eval_btn = gr.Button("Score", variant="primary", elem_id="evaluate")
+                        cancel_eval = gr.Button("Cancel", variant="stop")
+                    eval_status = gr.Markdown(elem_id="eval_status")
+                    lib_metrics = gr.JSON(label="Scores", elem_id="lib_metrics")
 
         # photos
         def upload(files, word):
             name, images, status = on_upload(ws, files, word)
             return sets_update(name), images, status
 
-        upload_btn.click(guarded(upload), [photos, class_word], [ref_set, ref_images, upload_status])
+        upload_btn.click(guarded(upload), [photos, class_word], [ref_set, ref_images, upload_status]).then(
+            lambda: sets_update(), None, eval_set)
         ref_set.input(guarded(lambda n: on_pick_set(ws, n)), ref_set, [ref_images, class_word])
         import_btn.click(guarded(lambda f: on_import_identity(ws, f)[1]), id_file, import_status).then(
             lambda: identities_update(), None, identities)
 
         # generate
         gen_event = gen_btn.click(
-            guarded_stream(lambda *a, progress: on_generate(ws, a[:4], *a[4:], progress=progress)),
+            guarded_stream(lambda *a, progress: on_generate(ws, a[:4], *a[4:], progress=progress), "denoising"),
             [*model, prompt, negative, identities, gamma, frames, steps, seed, guidance, fps],
             [gen_status, gen_video, gen_settings],
         )
@@ -263,16 +311,18 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         cancel_gen.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, gen_status)
 
         # videos
-        video_pick.input(guarded(lambda n: on_pick_video(ws, n)), video_pick, [lib_video, lib_settings])
+        video_pick.input(guarded(lambda n: on_pick_video(ws, n)), video_pick, [lib_video, lib_settings, lib_metrics])
+        eval_btn.click(guarded_stream(lambda *a: on_evaluate(ws, *a)), [video_pick, eval_set, clip_model, dino_model], [eval_status, lib_metrics])
+        cancel_eval.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, eval_status)
         refresh.click(lambda: videos_update(), None, [video_pick, library])
 
         def pick_from_gallery(evt: gr.SelectData):
             name = (evt.value or {}).get("caption") if isinstance(evt.value, dict) else None
-            video, settings = on_pick_video(ws, name)
-            return gr.update(value=name), video, settings
+            return gr.update(value=name), *on_pick_video(ws, name)
 
-        library.select(pick_from_gallery, None, [video_pick, lib_video, lib_settings])
-        app.load(lambda: (sets_update(), identities_update(), *videos_update()), None, [ref_set, identities, video_pick, library])
+        library.select(pick_from_gallery, None, [video_pick, lib_video, lib_settings, lib_metrics])
+        app.load(lambda: (sets_update(), sets_update(), identities_update(), *videos_update()), None,
+                 [ref_set, eval_set, identities, video_pick, library])
 
     app.magicme_workspace = ws
     return app

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,7 @@ class Workspace:
         for sub in (REFERENCES, IDENTITIES, VIDEOS):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._pipes: dict = {}  # (ModelSpec, device) → [pipeline, {token: identity fingerprint}]
+        self._scorers: dict = {}  # MetricModels → evaluate.Scorer
         self._model_lock = threading.Lock()
         self._jobs: set[_Job] = set()
         self._jobs_lock = threading.Lock()
@@ -340,6 +341,43 @@ class Workspace:
             })
 
         return self.run_job(work)
+
+    def evaluate(self, video: str, reference_set: str, metric_models, report: Callable[[dict], None] = lambda _: None) -> dict:
+        """Score a stored video against a stored reference set with the paper's metrics (§5.2); keep the scores.
+
+        The prompt and identity token come from the video's run record, the class word from the set.
+        The metric models load once per `MetricModels` and are reused.
+        """
+        from .evaluate import Scorer, evaluate_video
+
+        path = self.video_path(video)
+        settings = self.video_settings(video)
+        images, record = self.reference_set(reference_set)
+        metric_models.check()
+        ids = settings.get("models", {}).get("identities", [])
+        token = ids[0]["token"] if ids else None
+
+        def work(check: Callable[[], None]) -> dict:
+            if metric_models not in self._scorers:
+                report({"stage": "loading the metric models"})
+                self._scorers[metric_models] = Scorer(metric_models, device=self.device)
+            check()
+            report({"stage": "scoring"})
+            row = evaluate_video(path, images[0].parent, settings["prompt"], token=token,
+                                 class_word=record["class_word"], scorer=self._scorers[metric_models])
+            scores = {"video": video, "reference_set": reference_set, "metric_models": asdict(metric_models), **row}
+            _atomic_json(self.metrics_path(video), scores)
+            return scores
+
+        return self.run_job(work)
+
+    def metrics_path(self, video: str) -> Path:
+        return self.video_path(video).with_name(f"{self.video_path(video).name}.metrics.json")
+
+    def metrics(self, video: str) -> dict | None:
+        """The last scores of a video, or None if it was never scored."""
+        path = self.metrics_path(video)
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def _write_video(self, frames, fps: int, record: dict) -> str:
         from .video import write_sidecar, write_video
