@@ -53,7 +53,7 @@ class GenerateConfig:
         if any(not isinstance(p, str) or not p.strip() for p in [*self.prompts, *self.prompt_at.values()]):
             raise ValueError("--prompt must be a non-empty string")
         check_gamma_arg(self.gamma)
-        for name, value, low in (("--frames", self.frames, 1), ("--steps", self.steps, 1), ("--fps", self.fps, 1)):
+        for name, value, low in (("--frames", self.frames, 1), ("--fps", self.fps, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         for name, value in (("--height", self.height), ("--width", self.width)):
