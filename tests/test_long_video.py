@@ -271,3 +271,12 @@ def test_bad_long_video_input_one_line_exit_2(tmp_path, capsys, monkeypatch, arg
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_prompt_at_all_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--frames", "20", "--prompt-at", "5:a cat"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "frame-0 --prompt-at" in err[0] and list(tmp_path.iterdir()) == []
+    assert main(["generate", "--frames", "20"]) == 2
+    assert "--prompt" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 MOTION_CONTEXT = 16  # frames AnimateDiff's motion modules were trained on
 WEIGHTING_SCHEMES = ("pyramid", "flat", "delayed_reverse_sawtooth")  # FreeNoise's blend weights
+SPLIT_BUDGET = 256 * MOTION_CONTEXT  # (pixel rows × frames) per motion-module chunk
 _PROMPT_AT = re.compile(r"^\s*(\d+)\s*:(.*)$", re.S)
 
 
@@ -117,7 +118,10 @@ def windowed(pipe, plan: WindowPlan | None):
     pipe.enable_free_noise(
         context_length=plan.length, context_stride=plan.stride, weighting_scheme=plan.weighting, noise_type="random"
     )
-    pipe.enable_free_noise_split_inference(spatial_split_size=256, temporal_split_size=plan.length)
+    # spatial layers see one window of frames at a time; the motion modules see (rows × all frames) per
+    # chunk, so rows shrink as the clip grows: diffusers' default 256 rows at 16 frames, at any length
+    rows = max(1, SPLIT_BUDGET // plan.padded_frames)
+    pipe.enable_free_noise_split_inference(spatial_split_size=rows, temporal_split_size=plan.length)
     try:
         yield pipe
     finally:
