@@ -54,8 +54,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="keep the fastest (least disturbed) of these runs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: no OpenMP spin-waits in the CPU time)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
 
     pipe = AnimateDiffPipeline(**tiny_components(replace(MID, motion_max_seq_length=max(args.frames)))).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -101,7 +104,8 @@ def main() -> None:
             print_table(rows[-1:])
     print()
     print_table(rows)
-    record("long_video", [{"size": args.size, "steps": args.steps, "scale": "mid", "repeats": args.repeats}, *rows], device)
+    settings = {"size": args.size, "steps": args.steps, "scale": "mid", "repeats": args.repeats, "threads": torch.get_num_threads()}
+    record("long_video", [settings, *rows], device)
 
 
 if __name__ == "__main__":

@@ -280,3 +280,16 @@ def test_no_prompt_at_all_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and "frame-0 --prompt-at" in err[0] and list(tmp_path.iterdir()) == []
     assert main(["generate", "--frames", "20"]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_fast_preset_on_a_saved_model_with_a_single_file_adapter(tiny_model_dir, tmp_path):
+    weights = tiny_model_dir / "motion_adapter" / "diffusion_pytorch_model.safetensors"  # config.json beside it
+    spec = ModelSpec(base=str(tiny_model_dir), motion_adapter=str(weights), preset="fast")
+    cfg = GenerateConfig(prompts=["a dog"], frames=2, height=64, width=64, models=spec)
+    [path] = generate(cfg, tmp_path / "d.gif", device="cpu", quiet=True)
+    rec = read_sidecar(path)
+    assert rec["models"]["scheduler_config"] == {
+        "class": "EulerDiscreteScheduler", "beta_schedule": "linear", "timestep_spacing": "trailing",
+        "steps_offset": 1, "prediction_type": "epsilon",
+    }
+    assert rec["models"]["motion_adapter"]["source"] == "local" and rec["steps"] == 4 and rec["guidance"] == 1.0

@@ -231,6 +231,8 @@ def run_record(
         models["scheduler_config"] = scheduler_record(pipe.scheduler)
     if spec.base != TINY:
         models["motion_adapter"] = fingerprint(spec.adapter_name())
+        if spec.adapter_weights():
+            models["motion_adapter"]["weights"] = spec.adapter_weights()
         if PRESETS[spec.preset].lora:
             models["lora"] = {"weights": PRESETS[spec.preset].lora, "scale": PRESETS[spec.preset].lora_scale}
         if spec.base_config:
