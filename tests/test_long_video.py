@@ -273,6 +273,13 @@ def test_bad_long_video_input_one_line_exit_2(tmp_path, capsys, monkeypatch, arg
     assert list(tmp_path.iterdir()) == []
 
 
+def test_window_settings_checked_even_when_a_short_clip_needs_no_windows():
+    for kwargs, needle in ((dict(context_stride=0), "--context-stride"), (dict(window_weighting="x"), "--window-weighting")):
+        with pytest.raises(ValueError, match=needle):
+            GenerateConfig(prompts=["a dog"], frames=8, **kwargs).check()
+    assert GenerateConfig(prompts=["a dog"], frames=8).window_plan() is None
+
+
 def test_no_prompt_at_all_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--frames", "20", "--prompt-at", "5:a cat"]) == 2

@@ -74,6 +74,7 @@ def plan_windows(
     """Windows for a clip, or None where one pass covers it (≤ 16 frames, no explicit windows, no travel)."""
     if length is None:
         if frames <= MOTION_CONTEXT and not travel:
+            check_context(MOTION_CONTEXT, stride, weighting, MOTION_CONTEXT)  # unused here, but still wrong
             return None
         length = min(MOTION_CONTEXT, frames)
         stride = min(stride, length)
