@@ -6,8 +6,10 @@ frames apart, and blends overlapping windows with per-position weights. We keep 
 covariance γ^|m−n| over the whole clip (paper eq. 4): the pipeline gets our latents for every frame,
 which FreeNoise's `_prepare_latents_free_noise` returns unchanged when they span `num_frames`.
 
-Memory stays bounded by one window: FreeNoise windows the motion modules, and its split inference
-runs the spatial layers `context_length` frames at a time.
+The heavy intermediate tensors stay one window's size: FreeNoise windows the motion modules, and its
+split inference runs the spatial layers `context_length` frames at a time and the motion modules on
+pixel slices that shrink as the clip grows. Only clip-long tensors (latents, skip connections, the
+output frames) grow with the clip.
 """
 
 from __future__ import annotations
