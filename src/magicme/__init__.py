@@ -13,6 +13,8 @@ _EXPORTS = {
     "GenerateConfig": "generate",
     "generate": "generate",
     "generate_video": "generate",
+    "plan_windows": "long_video",
+    "prompt_schedule": "long_video",
     "ModelSpec": "models",
     "load_pipeline": "models",
     "tiny_components": "models",

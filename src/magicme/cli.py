@@ -15,21 +15,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default)")
     g.add_argument("--motion-adapter", default=None, help="AnimateDiff MotionAdapter: hub id or folder (default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2)")
     g.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
-    g.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpm")
+    g.add_argument("--scheduler", default=None, help="ddim (default), euler or dpm; --preset fast/lcm bring their own")
+    g.add_argument("--preset", default="full", help="full (default); fast: AnimateDiff-Lightning 4-step draft; lcm: AnimateLCM 6-step draft")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
 
 
 def _model_spec(args):
     from .models import ModelSpec
 
-    return ModelSpec(base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config, scheduler=args.scheduler)
+    preset = getattr(args, "preset", "full")
+    if args.scheduler is not None and preset != "full":
+        raise ValueError(f"--scheduler cannot be combined with --preset {preset}: its adapter needs the scheduler it was distilled on")
+    return ModelSpec(
+        base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
+        scheduler=args.scheduler or "ddim", preset=preset,
+    )
 
 
 def cmd_generate(args) -> None:
     from .generate import GenerateConfig, generate
+    from .long_video import parse_prompt_at
 
     cfg = GenerateConfig(
-        prompts=args.prompt,
+        prompts=args.prompt or [],
         negative_prompt=args.negative_prompt,
         seeds=args.seed or [0],
         frames=args.frames,
@@ -41,6 +49,11 @@ def cmd_generate(args) -> None:
         fps=args.fps,
         identities=args.identity or [],
         models=_model_spec(args),
+        prompt_at=parse_prompt_at(args.prompt_at or []),
+        context_length=args.context_length,
+        context_stride=args.context_stride,
+        window_weighting=args.window_weighting,
+        free_init=args.free_init,
     )
     for path in generate(cfg, args.out, quiet=args.quiet, device=args.device):
         print(path)
@@ -135,16 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="text-to-video with the 3D Gaussian noise prior (T2V VCD)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several prompts")
+    p.add_argument("--prompt", action="append", help="prompt; repeat for several prompts (required unless --prompt-at 0:...)")
+    p.add_argument("--prompt-at", action="append", metavar="FRAME:PROMPT", help="prompt from FRAME on, blended from the one before (prompt travel); repeat")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, action="append", help="seed; repeat for several seeds (default 0)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's: 25 full, 4 fast, 6 lcm)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's: 7.5 full, 1.0 fast, 1.5 lcm)")
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
     p.add_argument("--fps", type=int, default=8)
+    w = p.add_argument_group("long videos (FreeNoise windows; on by themselves past 16 frames)")
+    w.add_argument("--context-length", type=int, default=None, help="frames per window (default 16, the motion module's)")
+    w.add_argument("--context-stride", type=int, default=4, help="frames between window starts (default 4)")
+    w.add_argument("--window-weighting", default="pyramid", help="pyramid (default), flat or delayed_reverse_sawtooth")
+    p.add_argument("--free-init", type=int, default=None, metavar="N", help="FreeInit with N iterations (N× the time), to compare with the noise prior")
     p.add_argument("--identity", action="append", help="identity .safetensors from 'magicme train'; repeat for several subjects")
     p.add_argument("--out", default="magicme.mp4", help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
