@@ -16,7 +16,7 @@ from magicme.workspace import Cancelled, UploadLimits, Workspace, check_images, 
 pytest.importorskip("gradio")
 from magicme import ui  # noqa: E402
 
-TINY_MODEL = ("tiny", "", "", "ddim")
+TINY_MODEL = ("tiny", "", "", "ddim", "full")
 
 
 def photo(path, fmt="PNG", size=(40, 30), color=(200, 30, 30)):
@@ -141,6 +141,15 @@ def test_generate_with_identity_and_prompt_token_check(ws, tmp_path):
         list(ui.on_generate(ws, TINY_MODEL, "a <sks> dog", "", ["../id.safetensors"], 0.15, 2, 1, 0, 7.5, 8))
 
 
+def test_generate_long_clip_with_prompt_travel_and_preset_defaults(ws):
+    travel = "0: a dog walks\n\n12: a dog runs"
+    *_, (status, video, settings) = ui.on_generate(ws, TINY_MODEL, "", "", [], 0.15, 18, 1, 0, "", 8, travel, None, 2, "pyramid", None)
+    assert read_video(video).shape[0] == 18
+    assert settings["prompt_at"] == {"0": "a dog walks", "12": "a dog runs"}
+    assert settings["windows"]["length"] == 16 and settings["windows"]["stride"] == 2
+    assert settings["guidance"] == 7.5  # a blank field: the full preset's
+
+
 @pytest.mark.parametrize(
     "model, fields, needle",
     [
@@ -148,8 +157,11 @@ def test_generate_with_identity_and_prompt_token_check(ws, tmp_path):
         (TINY_MODEL, dict(frames=0), "--frames"),
         (TINY_MODEL, dict(seed=1.5), "seed"),
         (TINY_MODEL, dict(prompt="  "), "--prompt"),
-        (("missing-model.safetensors", "", "", "ddim"), {}, "missing-model"),
-        (("tiny", "", "", "plms"), {}, "--scheduler"),
+        (("missing-model.safetensors", "", "", "ddim", "full"), {}, "missing-model"),
+        (("tiny", "", "", "plms", "full"), {}, "--scheduler"),
+        (("tiny", "", "", "ddim", "turbo"), {}, "--preset"),
+        (TINY_MODEL, dict(prompt_travel="x: a cat"), "--prompt-at"),
+        (TINY_MODEL, dict(prompt_travel="9: a cat"), "outside the clip"),
     ],
 )
 def test_generate_bad_input_raises_before_work(ws, model, fields, needle):

@@ -172,6 +172,7 @@ def test_bad_upload_is_refused_with_a_message(page, server, tmp_path):
     fake = tmp_path / "photo.png"
     fake.write_bytes(b"<script>alert(1)</script>")
     before = ws.reference_sets()
+    page.get_by_role("tab", name="1 · Photos & identity").click()
     page.locator("#photos input[type=file]").set_input_files(str(fake))
     page.locator("#save_photos").click()
     page.get_by_text(re.compile(r"photo \d: not a readable image")).first.wait_for()

@@ -186,9 +186,14 @@ def output_paths(out: str | Path, prompts: list[str], seeds: list[int]) -> list[
 
 
 def generate(
-    cfg: GenerateConfig, out: str | Path, *, pipe=None, quiet: bool = False, device: str | None = None
+    cfg: GenerateConfig, out: str | Path, *, pipe=None, quiet: bool = False, device: str | None = None,
+    step_callback=None,
 ) -> list[Path]:
-    """Run T2V VCD for every prompt × seed in `cfg`, writing each video and its run record; return the paths."""
+    """Run T2V VCD for every prompt × seed in `cfg`, writing each video and its run record; return the paths.
+
+    `step_callback` is the pipeline's `callback_on_step_end` (progress; raising from it stops the run
+    before anything of that clip is written).
+    """
     cfg.check()
     cfg = cfg.resolved()
     paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
@@ -214,6 +219,7 @@ def generate(
             prompt_at=cfg.prompt_at,
             windows=windows,
             free_init=cfg.free_init,
+            **({"callback_on_step_end": step_callback} if step_callback else {}),
         )
         write_video(frames, path, fps=cfg.fps)
         write_sidecar(path, run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))

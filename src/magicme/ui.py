@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr  # this module is the web UI; the CLI imports it only for `magicme ui`
 
-from .workspace import Cancelled, Workspace, stream
+from .workspace import Cancelled, Workspace, stream, video_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 7860
@@ -32,7 +32,7 @@ def generate_defaults() -> dict:
     return _GEN_DEFAULTS
 
 
-def model_spec(base: str, motion_adapter: str, base_config: str, scheduler: str):
+def model_spec(base: str, motion_adapter: str, base_config: str, scheduler: str, preset: str = "full"):
     """The form's model fields as a `ModelSpec` (blank fields mean the defaults)."""
     from .models import TINY, ModelSpec
 
@@ -41,13 +41,28 @@ def model_spec(base: str, motion_adapter: str, base_config: str, scheduler: str)
         motion_adapter=(motion_adapter or "").strip() or None,
         base_config=(base_config or "").strip() or None,
         scheduler=scheduler or "ddim",
+        preset=preset or "full",
     )
 
 
-def _int(value, name: str) -> int:
-    if value is None or float(value) != int(float(value)):
+def _int(value, name: str, optional: bool = False) -> int | None:
+    """A whole number from a form field; blank is None where `optional`."""
+    if optional and (value is None or value == ""):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number != number or number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(float(value))
+    return int(number)
+
+
+def _prompt_travel(text: str) -> dict[int, str]:
+    """'FRAME: prompt' lines (blank lines skipped) as generate's `prompt_at`."""
+    from .long_video import parse_prompt_at
+
+    return parse_prompt_at([line for line in (text or "").splitlines() if line.strip()])
 
 
 # ---- handlers: plain functions, run headless by the tests
@@ -75,7 +90,7 @@ def on_import_identity(ws: Workspace, file: str | None) -> tuple[str, str]:
 
 def on_generate(
     ws: Workspace,
-    model: tuple[str, str, str, str],
+    model: tuple[str, ...],
     prompt: str,
     negative_prompt: str,
     identities: list[str] | None,
@@ -83,24 +98,39 @@ def on_generate(
     frames,
     steps,
     seed,
-    guidance: float,
+    guidance,
     fps,
+    prompt_travel: str = "",
+    context_length=None,
+    context_stride=4,
+    window_weighting: str = "pyramid",
+    free_init=None,
     progress: Callable[[int, int], None] = lambda step, steps: None,
 ) -> Iterator[tuple[str, str | None, dict | None]]:
-    """Generate one clip; yield (status, video path or None, its settings or None) as it goes."""
+    """Generate one clip; yield (status, video path or None, its settings or None) as it goes.
+
+    Blank steps/guidance take the speed preset's; `prompt_travel` holds 'FRAME: prompt' lines; clips
+    over 16 frames or with travel run in FreeNoise windows (long_video.py).
+    """
     from .generate import GenerateConfig
 
+    prompt = (prompt or "").strip()
     cfg = GenerateConfig(
-        prompts=[(prompt or "").strip()],
+        prompts=[prompt] if prompt else [],
         negative_prompt=negative_prompt or "",
         seeds=[_int(seed, "seed")],
         frames=_int(frames, "frames"),
-        steps=_int(steps, "steps"),
-        guidance=float(guidance),
+        steps=_int(steps, "steps", optional=True),
+        guidance=None if guidance in (None, "") else float(guidance),
         gamma=float(gamma),
         fps=_int(fps, "fps"),
         identities=list(identities or []),
         models=model_spec(*model),
+        prompt_at=_prompt_travel(prompt_travel),
+        context_length=_int(context_length, "context length", optional=True),
+        context_stride=_int(context_stride, "context stride"),
+        window_weighting=window_weighting or "pyramid",
+        free_init=_int(free_init, "FreeInit iterations", optional=True),
     )
     yield "Loading the model…", None, None
     try:
@@ -156,7 +186,7 @@ def video_choices(ws: Workspace) -> list[tuple[str, str]]:
     out = []
     for name in ws.videos():
         settings = ws.video_settings(name)
-        prompt = settings.get("prompt", "")
+        prompt = video_prompt(settings)
         out.append((f"{prompt[:48]}{'…' if len(prompt) > 48 else ''} · {settings.get('task', '?')} · {name}", name))
     return out
 
@@ -173,7 +203,8 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
     """The Gradio app over one work directory (`gr.Blocks`, not launched)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings or version checks
     from .evaluate import MetricModels
-    from .models import SCHEDULERS
+    from .long_video import WEIGHTING_SCHEMES
+    from .models import PRESETS, SCHEDULERS
 
     ws = workspace or Workspace(workdir, device=device)
     d = generate_defaults()
@@ -225,8 +256,10 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                 base = gr.Textbox("tiny", label="Base model", elem_id="base")
                 adapter = gr.Textbox("", label="Motion adapter", placeholder="default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2")
                 base_config = gr.Textbox("", label="Base config (single-file base only)")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler")
-        model = [base, adapter, base_config, scheduler]
+                scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler (full preset)")
+                preset = gr.Dropdown(list(PRESETS), value="full", label="Speed preset", elem_id="preset",
+                                     info="fast: AnimateDiff-Lightning 4 steps; lcm: AnimateLCM")
+        model = [base, adapter, base_config, scheduler, preset]
 
         with gr.Tabs():
             with gr.Tab("1 · Photos & identity", id="identity"):
@@ -254,12 +287,20 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                         identities = gr.Dropdown(ws.identities(), multiselect=True, label="Identities (the prompt must use their tokens)", elem_id="identities")
                         gamma = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, label="γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)", elem_id="gamma")
                         with gr.Row():
-                            frames = gr.Number(d["frames"], label="Frames", precision=0, minimum=1, elem_id="frames")
-                            steps = gr.Number(d["steps"], label="Steps", precision=0, minimum=1, elem_id="steps")
+                            frames = gr.Number(d["frames"], label="Frames (over 16: FreeNoise windows)", precision=0, minimum=1, elem_id="frames")
+                            steps = gr.Number(d["steps"], label="Steps (blank: the preset's)", precision=0, minimum=1, elem_id="steps")
                             seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                         with gr.Row():
-                            guidance = gr.Number(d["guidance"], label="Guidance", minimum=0)
+                            guidance = gr.Number(d["guidance"], label="Guidance (blank: the preset's)", minimum=0)
                             fps = gr.Number(d["fps"], label="FPS", precision=0, minimum=1)
+                        with gr.Accordion("Long video and prompt travel", open=False):
+                            travel = gr.Textbox(label="Prompt travel: one 'FRAME: prompt' per line", lines=3,
+                                                placeholder="0: a <v*> dog walks\n24: a <v*> dog runs", elem_id="travel")
+                            with gr.Row():
+                                context_length = gr.Number(d["context_length"], label="Window frames (blank: 16)", precision=0, minimum=1)
+                                context_stride = gr.Number(d["context_stride"], label="Window stride", precision=0, minimum=1)
+                                weighting = gr.Dropdown(list(WEIGHTING_SCHEMES), value=d["window_weighting"], label="Window blend")
+                                free_init = gr.Number(d["free_init"], label="FreeInit iterations (blank: off)", precision=0, minimum=1)
                         with gr.Row():
                             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                             cancel_gen = gr.Button("Cancel", variant="stop", elem_id="cancel_generate")
@@ -303,8 +344,9 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
 
         # generate
         gen_event = gen_btn.click(
-            guarded_stream(lambda *a, progress: on_generate(ws, a[:4], *a[4:], progress=progress), "denoising"),
-            [*model, prompt, negative, identities, gamma, frames, steps, seed, guidance, fps],
+            guarded_stream(lambda *a, progress: on_generate(ws, a[:5], *a[5:], progress=progress), "denoising"),
+            [*model, prompt, negative, identities, gamma, frames, steps, seed, guidance, fps,
+             travel, context_length, context_stride, weighting, free_init],
             [gen_status, gen_video, gen_settings],
         )
         gen_event.then(lambda: videos_update(), None, [video_pick, library])

@@ -20,7 +20,6 @@ import secrets
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -302,43 +301,29 @@ class Workspace:
     def generate(self, cfg, report: Callable[[dict], None] = lambda _: None) -> str:
         """Generate one clip for `cfg` (one prompt, one seed; identities given by name) into videos/; return its name.
 
-        `report` gets {"step", "steps"} after each denoising step.
+        `report` gets {"step", "steps"} after each denoising step (FreeInit runs the steps once per iteration).
         """
-        from .generate import generate_video, run_record
+        from .generate import generate
 
-        if len(cfg.prompts) != 1 or len(cfg.seeds) != 1:
+        if len(cfg.prompts) > 1 or len(cfg.seeds) != 1:
             raise ValueError("the web UI makes one video per request: give one prompt and one seed")
         cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
         cfg.check()
-        height, width = cfg.size()
+        total = cfg.resolved().steps * (cfg.free_init or 1)
+        path = self.root / VIDEOS / f"{new_name('vid-')}.mp4"
 
         def work(check: Callable[[], None]) -> str:
             pipe = self.pipeline(cfg.models, [Path(p) for p in cfg.identities])
-            pipe.set_progress_bar_config(disable=True)
+            done = [0]
 
             def on_step(pipe_, step, timestep, kwargs):
-                report({"step": step + 1, "steps": cfg.steps})
+                done[0] += 1
+                report({"step": done[0], "steps": total})
                 check()
                 return kwargs
 
-            started = time.monotonic()
-            frames = generate_video(
-                pipe,
-                cfg.prompts[0],
-                negative_prompt=cfg.negative_prompt,
-                seed=cfg.seeds[0],
-                frames=cfg.frames,
-                height=height,
-                width=width,
-                steps=cfg.steps,
-                guidance=cfg.guidance,
-                gamma=cfg.gamma,
-                callback_on_step_end=on_step,
-            )
-            return self._write_video(frames, cfg.fps, {
-                **run_record(cfg, cfg.prompts[0], cfg.seeds[0], height, width),
-                "seconds": round(time.monotonic() - started, 2),
-            })
+            generate(cfg, path, pipe=pipe, quiet=True, step_callback=on_step)
+            return path.name
 
         return self.run_job(work)
 
@@ -363,7 +348,7 @@ class Workspace:
                 self._scorers[metric_models] = Scorer(metric_models, device=self.device)
             check()
             report({"stage": "scoring"})
-            row = evaluate_video(path, images[0].parent, settings["prompt"], token=token,
+            row = evaluate_video(path, images[0].parent, video_prompt(settings), token=token,
                                  class_word=record["class_word"], scorer=self._scorers[metric_models])
             scores = {"video": video, "reference_set": reference_set, "metric_models": asdict(metric_models), **row}
             _atomic_json(self.metrics_path(video), scores)
@@ -379,17 +364,10 @@ class Workspace:
         path = self.metrics_path(video)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def _write_video(self, frames, fps: int, record: dict) -> str:
-        from .video import write_sidecar, write_video
 
-        path = self.root / VIDEOS / f"{new_name('vid-')}.mp4"
-        write_sidecar(path, record)  # the record first: a listed video always has its settings
-        try:
-            write_video(frames, path, fps=fps)
-        except BaseException:
-            sidecar_path(path).unlink(missing_ok=True)
-            raise
-        return path.name
+def video_prompt(settings: dict) -> str:
+    """The prompt a video was made with; a prompt-travel clip's is its frame-0 prompt."""
+    return settings.get("prompt") or (settings.get("prompt_at") or {}).get("0", "")
 
 
 def _slug(text: str) -> str:
