@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from magicme.esrgan import RRDBConfig, RRDBNet
+from magicme.cli import main
+from magicme.esrgan import RRDBConfig, RRDBNet, load_rrdbnet
 from magicme.identity import IdentityInfo, save_identity
 from magicme.models import ModelSpec
 from magicme.upscale import (
@@ -90,7 +91,7 @@ def test_upscale_frames_lanczos_and_esrgan(tmp_path, caplog):
     torch.manual_seed(0)
     net = RRDBNet(RRDBConfig(nf=8, gc=4, num_blocks=1, num_upsample=2, unshuffle=1))
     torch.save({"params_ema": net.state_dict()}, tmp_path / "x4.pth")
-    x2_from_x4 = upscale_frames(frames, 2, tmp_path / "x4.pth")
+    x2_from_x4 = upscale_frames(frames, 2, load_rrdbnet(tmp_path / "x4.pth"))
     assert x2_from_x4.shape == (2, 32, 24, 3) and 0 <= x2_from_x4.min() and x2_from_x4.max() <= 1
 
 
@@ -146,3 +147,48 @@ def test_bad_settings_fail_before_work(tmp_path, change, needle):
     with pytest.raises((ValueError, FileNotFoundError), match=needle):
         tiled_vcd(cfg, video, tmp_path / "up.gif", quiet=True, device="cpu")
     assert not (tmp_path / "up.gif").exists()
+
+
+def _esrgan_x2_file(path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = RRDBNet(RRDBConfig(nf=8, gc=4, num_blocks=1, num_upsample=2, unshuffle=2))  # Real-ESRGAN x2plus shape
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def test_upscale_cli_end_to_end(tmp_path, capsys):
+    video = write_video(np.random.default_rng(4).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8), tmp_path / "in.gif")
+    ident = _identity_file(tmp_path / "id.safetensors")
+    upscaler = _esrgan_x2_file(tmp_path / "RealESRGAN_x2plus.safetensors")
+    out = tmp_path / "up.mp4"
+    code = main(["upscale", "--video", str(video), "--identity", str(ident), "--prompt", "a <v*> person", "--scale", "2",
+                 "--upscaler", str(upscaler), "--tile", "48", "--overlap", "16", "--steps", "5", "--out", str(out), "--quiet"])
+    assert code == 0 and str(out) in capsys.readouterr().out
+    assert read_video(out).shape == (2, 80, 96, 3)
+    rec = read_sidecar(out)
+    assert rec["tiles"] == 6 and rec["upscaler_model"]["source"] == "local" and rec["scale"] == 2
+
+
+class _Payload:
+    pass
+
+
+@pytest.mark.parametrize("kind, needle", [("pickle", "refused"), ("unknown", "unknown architecture"), ("tile", "--tile")])
+def test_upscale_cli_bad_input(tmp_path, capsys, kind, needle):
+    video = write_video(np.zeros((2, 40, 48, 3), np.uint8), tmp_path / "in.gif")
+    args = ["upscale", "--video", str(video), "--prompt", "a dog", "--steps", "5", "--out", str(tmp_path / "up.gif")]
+    if kind == "pickle":
+        torch.save({"conv_first.weight": torch.zeros(1), "x": _Payload()}, tmp_path / "evil.pth")
+        args += ["--upscaler", str(tmp_path / "evil.pth")]
+    elif kind == "unknown":
+        torch.save({"body.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "vgg.pth")
+        args += ["--upscaler", str(tmp_path / "vgg.pth")]
+    else:
+        args += ["--tile", "44"]
+    before = set(tmp_path.iterdir())
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0]
+    assert set(tmp_path.iterdir()) == before

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from .esrgan import load_rrdbnet
 from .models import TINY, ModelSpec, _from_pretrained, fingerprint
 from .v2v import (
     check_common,
@@ -107,20 +108,19 @@ def tiled_map(
 # -- upscaling ------------------------------------------------------------------------------------------
 
 
-def upscale_frames(frames: np.ndarray, scale: int, upscaler: str | Path | None = None, device=None) -> np.ndarray:
-    """Frames (F, H, W, 3) in [0, 1] upscaled ×`scale`: ESRGAN/Real-ESRGAN when a weight file is given, else Lanczos.
+def upscale_frames(frames: np.ndarray, scale: int, model=None) -> np.ndarray:
+    """Frames (F, H, W, 3) in [0, 1] upscaled ×`scale`: by an ESRGAN `RRDBNet` when given, else Lanczos.
 
     A model of another factor (a ×4 model for ×2) runs at its own and is resized to the exact size.
     """
     import torch
 
     f, h, w, _ = frames.shape
-    if upscaler is None:
+    if model is None:
         log.warning("no --upscaler given: upscaling with Lanczos interpolation (give an ESRGAN .pth for sharper detail)")
         return resize_frames(frames, h * scale, w * scale, "lanczos")
-    from .esrgan import esrgan_upscale, load_rrdbnet
+    from .esrgan import esrgan_upscale
 
-    model = load_rrdbnet(upscaler).to(device or "cpu")
     x = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))).to(model.conv_first.weight)
     y = esrgan_upscale(model, x).float().cpu().numpy().transpose(0, 2, 3, 1)
     return resize_frames(y, h * scale, w * scale, "lanczos")
@@ -229,12 +229,15 @@ def tiled_vcd(
     frames = read_input_video(video)
     cfg.check_frame(*frames.shape[1:3])
     tile, overlap = cfg.tile_size(), cfg.overlap_size()
+    upscaler = load_rrdbnet(cfg.upscaler) if cfg.upscaler else None  # a bad weight file fails before the big models load
 
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
     controlnet = load_controlnet(cfg.controlnet, cfg.models.base, dtype=pipe.unet.dtype)
     tile_pipe = video_pipeline(pipe, controlnet)
 
-    upscaled = upscale_frames(frames.astype(np.float32) / 255.0, cfg.scale, cfg.upscaler, device=pipe.device)
+    if upscaler is not None:
+        upscaler.to(pipe.device)
+    upscaled = upscale_frames(frames.astype(np.float32) / 255.0, cfg.scale, upscaler)
     done = 0
 
     def restore(clips: np.ndarray) -> np.ndarray:

@@ -212,7 +212,10 @@ def read_input_video(path: str | Path) -> np.ndarray:
     try:
         return read_video(path)
     except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"--video: {e}") from None
+        # ffmpeg's errors span many lines; keep the first and the last (the actual reason) on one line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = lines[0] if len(lines) < 2 else f"{lines[0]} … {lines[-1]}"
+        raise type(e)(f"--video: {message}") from None
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int, interpolation: str = "lanczos") -> np.ndarray:
