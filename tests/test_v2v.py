@@ -6,7 +6,7 @@ from PIL import Image
 from magicme.cli import main
 from magicme.identity import IdentityInfo, save_identity
 from magicme.upscale import tiny_controlnet
-from magicme.v2v import control_frames, partial_denoise, prior_noise, start_timestep, video_pipeline
+from magicme.v2v import control_frames, partial_denoise, partial_denoise_windows, prior_noise, start_timestep, video_pipeline
 from magicme.video import read_sidecar, read_video, write_video
 
 
@@ -29,6 +29,16 @@ def test_gamma_zero_equals_stock_video_to_video_bit_for_bit(v2v_pipe):
     assert np.array_equal(ours[0], stock)
     correlated = partial_denoise(v2v_pipe, clip[None].astype(np.float32) / 255, "a dog", strength=0.5, seeds=[3], steps=4, gamma=0.5)
     assert np.abs(correlated[0] - stock).max() > 1e-2
+
+
+def test_windows_are_independent_partial_denoises(v2v_pipe):
+    clips = np.random.default_rng(1).random((1, 5, 64, 64, 3), dtype=np.float32)
+    kw = dict(strength=0.5, steps=2, gamma=0.2)
+    whole = partial_denoise_windows(v2v_pipe, clips, "a dog", context=5, seeds=[4], **kw)
+    assert np.array_equal(whole, partial_denoise(v2v_pipe, clips, "a dog", seeds=[4], **kw))
+    windows = partial_denoise_windows(v2v_pipe, clips, "a dog", context=3, seeds=[4], **kw)
+    assert windows.shape == clips.shape
+    np.testing.assert_allclose(windows[:, 3:], partial_denoise(v2v_pipe, clips[:, 3:], "a dog", seeds=[7], **kw), atol=1e-6)
 
 
 def test_prior_noise_has_the_frame_covariance():

@@ -17,6 +17,12 @@ _EXPORTS = {
     "load_pipeline": "models",
     "tiny_components": "models",
     "save_tiny_model": "models",
+    "V2VConfig": "v2v",
+    "v2v": "v2v",
+    "FaceConfig": "face",
+    "face_vcd": "face",
+    "UpscaleConfig": "upscale",
+    "tiled_vcd": "upscale",
     "read_video": "video",
     "write_video": "video",
 }

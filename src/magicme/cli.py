@@ -57,6 +57,7 @@ def _v2v_settings(args) -> dict:
         guidance=args.guidance,
         gamma=args.gamma,
         fps=args.fps,
+        context=args.context,
         identities=args.identity or [],
         models=_model_spec(args),
     )
@@ -99,6 +100,7 @@ def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
     p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in windows)")
     p.add_argument("--out", default=out, help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)

@@ -22,9 +22,10 @@ import numpy as np
 from .models import ModelSpec, fingerprint
 from .v2v import (
     check_common,
+    check_context,
     load_stage_pipeline,
     model_size,
-    partial_denoise,
+    partial_denoise_windows,
     read_input_video,
     resize_frames,
     stage_record,
@@ -256,8 +257,7 @@ class FaceConfig:
             raise ValueError(f"--feather must be in (0, 0.5], got {self.feather!r}")
         if not self.smooth >= 0:
             raise ValueError(f"--smooth must be >= 0, got {self.smooth!r}")
-        if not isinstance(self.context, int) or self.context < 1:
-            raise ValueError(f"--context must be an integer >= 1, got {self.context!r}")
+        check_context(self.context)
 
     def size(self) -> int:
         return self.face_size if self.face_size is not None else model_size(self.models)
@@ -295,14 +295,11 @@ def face_vcd(
     v2v_pipe = video_pipeline(pipe)
 
     def denoise(clip: np.ndarray, track: int) -> np.ndarray:
-        parts = []
-        for start in range(0, len(clip), cfg.context):  # AnimateDiff sees `context` frames at a time
-            parts.append(partial_denoise(
-                v2v_pipe, clip[None, start : start + cfg.context], cfg.prompt, strength=cfg.strength,
-                seeds=[cfg.seed + 1000 * track + start], steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
-                negative_prompt=cfg.negative_prompt,
-            )[0])
-        return np.concatenate(parts)
+        return partial_denoise_windows(
+            v2v_pipe, clip[None], cfg.prompt, context=cfg.context, seeds=[cfg.seed + 100_003 * track],
+            strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
+            negative_prompt=cfg.negative_prompt,
+        )[0]
 
     result = restore_faces(
         frames.astype(np.float32) / 255.0, tracks, denoise, size=cfg.size(), margin=cfg.margin,

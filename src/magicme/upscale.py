@@ -18,12 +18,13 @@ from typing import Callable
 import numpy as np
 
 from .esrgan import load_rrdbnet
-from .models import TINY, ModelSpec, _from_pretrained, fingerprint
+from .models import TINY, ModelSpec, TinyPreset, _from_pretrained, fingerprint
 from .v2v import (
     check_common,
+    check_context,
     load_stage_pipeline,
     model_size,
-    partial_denoise,
+    partial_denoise_windows,
     read_input_video,
     resize_frames,
     stage_record,
@@ -129,7 +130,7 @@ def upscale_frames(frames: np.ndarray, scale: int, model=None) -> np.ndarray:
 # -- ControlNet Tile ------------------------------------------------------------------------------------
 
 
-def tiny_controlnet(seed: int = 1):
+def tiny_controlnet(preset: TinyPreset = TinyPreset(), seed: int = 1):
     """A random-weight ControlNet shaped for the tiny preset's UNet (its zero convs made non-zero, so it acts)."""
     import torch
     from diffusers import ControlNetModel
@@ -138,7 +139,7 @@ def tiny_controlnet(seed: int = 1):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ControlNetModel.from_unet(tiny_components()["unet"])
+        net = ControlNetModel.from_unet(tiny_components(preset)["unet"])
         for module in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
             torch.nn.init.normal_(module.weight, std=0.02)
     return net.eval()
@@ -168,6 +169,7 @@ class UpscaleConfig:
     tile: int | None = None  # None: the model's native size (512; tiny 64)
     overlap: int | None = None  # None: tile // 8
     tile_batch: int = 4  # tiles denoised together; peak memory grows with it
+    context: int = 16  # frames denoised together (AnimateDiff's context length)
     controlnet: str | None = None  # None: lllyasviel/control_v11f1e_sd15_tile (tiny preset: a random tiny one)
     controlnet_scale: float = 1.0
     seed: int = 0
@@ -190,6 +192,7 @@ class UpscaleConfig:
         overlap = self.overlap_size()
         if not isinstance(overlap, int) or not 0 <= overlap < tile:
             raise ValueError(f"--overlap must be an integer in [0, --tile), got {overlap!r}")
+        check_context(self.context)
         if not isinstance(self.tile_batch, int) or self.tile_batch < 1:
             raise ValueError(f"--tile-batch must be an integer >= 1, got {self.tile_batch!r}")
         if not self.controlnet_scale >= 0:
@@ -244,8 +247,8 @@ def tiled_vcd(
         nonlocal done
         seeds = tile_seeds(cfg.seed, done, len(clips))
         done += len(clips)
-        return partial_denoise(
-            tile_pipe, clips, cfg.prompt, strength=cfg.strength, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
+        return partial_denoise_windows(
+            tile_pipe, clips, cfg.prompt, context=cfg.context, seeds=seeds, strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance,
             gamma=cfg.gamma, negative_prompt=cfg.negative_prompt, controlnet_scale=cfg.controlnet_scale,
         )
 

@@ -167,6 +167,24 @@ def partial_denoise(
     return np.asarray(out.frames, dtype=np.float32)
 
 
+def partial_denoise_windows(pipe, clips: np.ndarray, prompt: str, *, context: int, seeds: list[int], **kwargs) -> np.ndarray:
+    """`partial_denoise` over consecutive windows of `context` frames (the motion module sees at most that many).
+
+    Window w of clip i is seeded with seeds[i] + w·context, so each window's noise is its own.
+    """
+    frames = clips.shape[1]
+    parts = [
+        partial_denoise(pipe, clips[:, s : s + context], prompt, seeds=[seed + s for seed in seeds], **kwargs)
+        for s in range(0, frames, context)
+    ]
+    return np.concatenate(parts, axis=1)
+
+
+def check_context(context: int) -> None:
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"--context must be an integer >= 1, got {context!r}")
+
+
 @dataclass
 class V2VConfig:
     """One V2V VCD request: partially denoise a clip with the identity (paper §4.3)."""
@@ -179,12 +197,14 @@ class V2VConfig:
     guidance: float = 7.5
     gamma: float = 0.15  # §5.2
     fps: int = 8
+    context: int = 16  # frames denoised together (AnimateDiff's context length)
     identities: list[str] = field(default_factory=list)  # identity .safetensors files (§4.2)
     models: ModelSpec = field(default_factory=ModelSpec)
 
     def check(self) -> None:
         """Validate every argument before any model work (ValueError naming the argument)."""
         check_common(self)
+        check_context(self.context)
 
 
 def check_common(cfg) -> None:
@@ -256,8 +276,8 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
     v2v_pipe = video_pipeline(pipe)
     h8, w8 = h // 8 * 8, w // 8 * 8
     clip = resize_frames(frames.astype(np.float32) / 255.0, h8, w8)
-    result = partial_denoise(
-        v2v_pipe, clip[None], cfg.prompt, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
+    result = partial_denoise_windows(
+        v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
         guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt,
     )[0]
     write_video(resize_frames(result, h, w), out, fps=cfg.fps)
