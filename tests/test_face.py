@@ -14,6 +14,7 @@ from magicme.face import (
     smooth_boxes,
     square_crop,
     track_faces,
+    yunet_detector,
 )
 from magicme.identity import IdentityInfo, save_identity
 from magicme.models import ModelSpec
@@ -168,3 +169,9 @@ def test_face_cli_end_to_end(tmp_path, capsys):
     result = read_video(out)
     assert result.shape == frames.shape and not np.array_equal(result[:, 40:90, 40:90], frames[:, 40:90, 40:90])
     assert np.array_equal(result[:, :, :8], frames[:, :, :8])  # far from the face: untouched
+
+
+def test_unreadable_yunet_model_is_a_clear_error(tmp_path):
+    (tmp_path / "face_detection_yunet.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ValueError, match="--detector .* not a YuNet"):
+        yunet_detector(tmp_path / "face_detection_yunet.onnx")
