@@ -76,6 +76,19 @@ def test_esrgan_x2_old_layout_with_one_upsample(tmp_path):
     assert loaded.scale == 2 and torch.equal(loaded(x), net(x))
 
 
+@pytest.mark.parametrize("unshuffle", [1, 2])
+def test_tiled_upscale_matches_the_whole_frame(unshuffle):
+    """With a pad wider than the receptive field of this one-block net, tiling changes nothing."""
+    torch.manual_seed(0)
+    net = RRDBNet(RRDBConfig(nf=8, gc=4, num_blocks=1, num_upsample=2, unshuffle=unshuffle)).eval()
+    x = torch.rand(1, 3, 50, 38)
+    whole = esrgan_upscale(net, x, tile=1000)
+    tiled = esrgan_upscale(net, x, tile=16, pad=24)
+    assert tiled.shape == whole.shape == (1, 3, 50 * net.scale, 38 * net.scale)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+    assert not torch.allclose(esrgan_upscale(net, x, tile=16, pad=0), whole, atol=1e-3)  # the pad is what makes it exact
+
+
 def test_upscale_pads_odd_sizes_for_pixel_unshuffle():
     net = _random_net(2, 2)
     out = esrgan_upscale(net, torch.rand(2, 3, 7, 9))

@@ -203,12 +203,15 @@ def load_rrdbnet(path: str | Path) -> RRDBNet:
 
 
 @torch.no_grad()
-def esrgan_upscale(model: RRDBNet, frames: torch.Tensor) -> torch.Tensor:
-    """Upscale (N, 3, H, W) frames in [0, 1] one at a time (bounded memory); values clamped to [0, 1].
+def esrgan_upscale(model: RRDBNet, frames: torch.Tensor, tile: int = 256, pad: int = 16) -> torch.Tensor:
+    """Upscale (N, 3, H, W) frames in [0, 1], one frame and one `tile`-px input tile at a time; clamped to [0, 1].
 
-    Sides not divisible by the model's pixel-unshuffle factor are edge-padded and the pad cropped off.
+    Each tile is run with `pad` px of its neighbours around it and only its own part kept, so memory is
+    bounded by one tile (a ×4 2048² output would need GBs at once); tiles cut inside the network's
+    receptive field differ from a whole-frame run only near their edges, by little. Sides not divisible
+    by the model's pixel-unshuffle factor are edge-padded and the pad cropped off.
     """
-    p = model.cfg.unshuffle
+    p, s = model.cfg.unshuffle, model.scale
     out = []
     for frame in frames:
         x = frame[None]
@@ -216,6 +219,18 @@ def esrgan_upscale(model: RRDBNet, frames: torch.Tensor) -> torch.Tensor:
         ph, pw = (-h) % p, (-w) % p
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        y = model(x)[..., : h * model.scale, : w * model.scale]
-        out.append(y.clamp(0, 1))
+        hp, wp = x.shape[-2:]
+        y = torch.empty(1, 3, hp * s, wp * s, dtype=x.dtype, device=x.device)
+        step = max(p, tile // p * p)
+        margin = -(-pad // p) * p  # a multiple of the unshuffle factor keeps tiles aligned
+        for top in range(0, hp, step):
+            for left in range(0, wp, step):
+                t0, l0 = max(top - margin, 0), max(left - margin, 0)
+                t1, l1 = min(top + step + margin, hp), min(left + step + margin, wp)
+                part = model(x[..., t0:t1, l0:l1])
+                bottom, right = min(top + step, hp), min(left + step, wp)
+                y[..., top * s : bottom * s, left * s : right * s] = part[
+                    ..., (top - t0) * s : (bottom - t0) * s, (left - l0) * s : (right - l0) * s
+                ]
+        out.append(y[..., : h * s, : w * s].clamp(0, 1))
     return torch.cat(out)
