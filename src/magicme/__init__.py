@@ -13,6 +13,8 @@ _EXPORTS = {
     "GenerateConfig": "generate",
     "generate": "generate",
     "generate_video": "generate",
+    "plan_windows": "long_video",
+    "prompt_schedule": "long_video",
     "ModelSpec": "models",
     "load_pipeline": "models",
     "tiny_components": "models",
@@ -24,6 +26,12 @@ _EXPORTS = {
     "UpscaleConfig": "upscale",
     "tiled_vcd": "upscale",
     "read_video": "video",
+    "Scorer": "evaluate",
+    "MetricModels": "evaluate",
+    "evaluate_video": "evaluate",
+    "load_suite": "suite",
+    "run_suite": "suite",
+    "write_report": "report",
     "write_video": "video",
 }
 

@@ -15,21 +15,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default)")
     g.add_argument("--motion-adapter", default=None, help="AnimateDiff MotionAdapter: hub id or folder (default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2)")
     g.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
-    g.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpm")
+    g.add_argument("--scheduler", default=None, help="ddim (default), euler or dpm; --preset fast/lcm bring their own")
+    g.add_argument("--preset", default="full", help="full (default); fast: AnimateDiff-Lightning 4-step draft; lcm: AnimateLCM 6-step draft")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
 
 
 def _model_spec(args):
     from .models import ModelSpec
 
-    return ModelSpec(base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config, scheduler=args.scheduler)
+    preset = getattr(args, "preset", "full")
+    if args.scheduler is not None and preset != "full":
+        raise ValueError(f"--scheduler cannot be combined with --preset {preset}: its adapter needs the scheduler it was distilled on")
+    return ModelSpec(
+        base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
+        scheduler=args.scheduler or "ddim", preset=preset,
+    )
 
 
 def cmd_generate(args) -> None:
     from .generate import GenerateConfig, generate
+    from .long_video import parse_prompt_at
 
     cfg = GenerateConfig(
-        prompts=args.prompt,
+        prompts=args.prompt or [],
         negative_prompt=args.negative_prompt,
         seeds=args.seed or [0],
         frames=args.frames,
@@ -41,6 +49,11 @@ def cmd_generate(args) -> None:
         fps=args.fps,
         identities=args.identity or [],
         models=_model_spec(args),
+        prompt_at=parse_prompt_at(args.prompt_at or []),
+        context_length=args.context_length,
+        context_stride=args.context_stride,
+        window_weighting=args.window_weighting,
+        free_init=args.free_init,
     )
     for path in generate(cfg, args.out, quiet=args.quiet, device=args.device):
         print(path)
@@ -120,22 +133,87 @@ def cmd_demo(args) -> None:
     print("(tiny preset: random weights, so the video is noise; see the README for real weights)")
 
 
+def _metric_models(args):
+    from .evaluate import MetricModels
+
+    return MetricModels(clip=args.clip_model, dino=args.dino_model, batch_size=args.batch_size)
+
+
+def _add_metric_args(p: argparse.ArgumentParser, from_file: bool = False) -> None:
+    """Metric-model flags; with `from_file` (the suite) an absent flag keeps the subjects file's value."""
+    where = ", or the subjects file's" if from_file else ""
+    g = p.add_argument_group("metric models")
+    g.add_argument("--clip-model", default=None if from_file else "openai/clip-vit-base-patch32",
+                   help=f"CLIP for CLIP-I/CLIP-T: hub id or folder (default openai/clip-vit-base-patch32{where})")
+    g.add_argument("--dino-model", default=None if from_file else "facebook/dino-vits16",
+                   help=f"ViT or DINOv2 for the DINO metric, e.g. facebook/dinov2-small (default facebook/dino-vits16{where})")
+    g.add_argument("--batch-size", type=int, default=None if from_file else 32, help=f"frames per forward pass (default 32{where})")
+    g.add_argument("--face-model", default=None, help="face identity similarity: SFace .onnx (cv2.FaceRecognizerSF); needs --face-detector")
+    g.add_argument("--face-detector", default=None, help="YuNet .onnx (cv2.FaceDetectorYN) that finds the face for --face-model")
+
+
+def cmd_evaluate(args) -> None:
+    import json
+
+    from .evaluate import evaluate_video, face_embedder
+
+    face = face_embedder(args.face_model, args.face_detector)
+    row = evaluate_video(args.video, args.references, args.prompt, token=args.token, class_word=args.class_word or "",
+                         identity=args.identity, models=_metric_models(args), device=args.device, face=face)
+    print(json.dumps(row, indent=2))
+
+
+def cmd_evaluate_suite(args) -> None:
+    from .suite import load_suite, run_suite, suite_overrides
+
+    cfg = load_suite(args.subjects, **suite_overrides(
+        seeds=args.seed, gamma=args.gamma, frames=args.frames, steps=args.steps, guidance=args.guidance,
+        height=args.height, width=args.width, base=args.base, motion_adapter=args.motion_adapter,
+        base_config=args.base_config, scheduler=args.scheduler, clip_model=args.clip_model, dino_model=args.dino_model,
+        batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
+        video_format=args.video_format,
+    ))
+    run = run_suite(cfg, args.results, videos=args.videos, quiet=args.quiet, device=args.device)
+    print(f"process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
+          f"{run.results} holds {run.rows} rows", file=sys.stderr)
+    if run.process_index == 0 and run.rows:
+        from .report import summary
+
+        print(summary([run.results]))
+    if run.process_index == 0:
+        print(run.results)
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    paths = write_report(args.results, args.out, labels=args.label, max_videos=args.max_videos)
+    print(paths["markdown"])
+    print(paths["html"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magicme", description="Identity-specific video generation (Magic-Me / VCD).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('magicme').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="text-to-video with the 3D Gaussian noise prior (T2V VCD)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several prompts")
+    p.add_argument("--prompt", action="append", help="prompt; repeat for several prompts (required unless --prompt-at 0:...)")
+    p.add_argument("--prompt-at", action="append", metavar="FRAME:PROMPT", help="prompt from FRAME on, blended from the one before (prompt travel); repeat")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, action="append", help="seed; repeat for several seeds (default 0)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's: 25 full, 4 fast, 6 lcm)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's: 7.5 full, 1.0 fast, 1.5 lcm)")
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
     p.add_argument("--fps", type=int, default=8)
+    w = p.add_argument_group("long videos (FreeNoise windows; on by themselves past 16 frames)")
+    w.add_argument("--context-length", type=int, default=None, help="frames per window (default 16, the motion module's)")
+    w.add_argument("--context-stride", type=int, default=4, help="frames between window starts (default 4)")
+    w.add_argument("--window-weighting", default="pyramid", help="pyramid (default), flat or delayed_reverse_sawtooth")
+    p.add_argument("--free-init", type=int, default=None, metavar="N", help="FreeInit with N iterations (N× the time), to compare with the noise prior")
     p.add_argument("--identity", action="append", help="identity .safetensors from 'magicme train'; repeat for several subjects")
     p.add_argument("--out", default="magicme.mp4", help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -165,6 +243,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", default=None, help="ControlNet Tile: hub id or folder (default: lllyasviel/control_v11f1e_sd15_tile)")
     p.add_argument("--controlnet-scale", type=float, default=1.0)
     p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("evaluate", help="score one video: CLIP-I, DINO, CLIP-T, temporal consistency (paper §5.2)")
+    p.add_argument("--video", required=True, help=".mp4/.gif or a folder of frames")
+    p.add_argument("--references", required=True, help="folder of the subject's reference images")
+    p.add_argument("--prompt", required=True, help="the prompt the video was made from")
+    p.add_argument("--identity", default=None, help="identity .safetensors: gives --token and --class-word")
+    p.add_argument("--token", default=None, help="identity token in the prompt, replaced by --class-word for CLIP-T")
+    p.add_argument("--class-word", default=None, help="the subject's class, e.g. dog")
+    p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda when available)")
+    _add_metric_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("evaluate-suite", help="the paper's protocol: subjects × prompts × seeds → generate → score (JSONL)")
+    p.add_argument("--subjects", required=True, help="subjects YAML (identity, references, class word, prompts per subject)")
+    p.add_argument("--results", default="results.jsonl", help="JSONL, one row per video; an existing file is resumed")
+    p.add_argument("--videos", default=None, help="folder for the generated clips (default: RESULTS.videos/)")
+    p.add_argument("--seed", type=int, action="append", help="repeat; overrides the file's seeds (paper: 0 1 2 3)")
+    p.add_argument("--gamma", type=float, default=None, help="noise prior γ; 0 = the 'w/o noise prior' ablation")
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--video-format", default=None, choices=["mp4", "gif"], help="clip format (default mp4)")
+    p.add_argument("--quiet", action="store_true")
+    _add_metric_args(p, from_file=True)
+    g = p.add_argument_group("models (default: the subjects file's, else the tiny preset)")
+    g.add_argument("--base", default=None)
+    g.add_argument("--motion-adapter", default=None)
+    g.add_argument("--base-config", default=None)
+    g.add_argument("--scheduler", default=None)
+    g.add_argument("--device", default=None, help="default: this process's accelerate device")
+    p.set_defaults(func=cmd_evaluate_suite)
+
+    p = sub.add_parser("report", help="Markdown + HTML report of results files: Table-1 layout, γ sweep plot, contact sheets")
+    p.add_argument("--results", action="append", required=True, help="results JSONL; repeat to compare configurations")
+    p.add_argument("--label", action="append", default=None, help="column name per --results (default: file name)")
+    p.add_argument("--out", default="report", help="output folder")
+    p.add_argument("--max-videos", type=int, default=64, help="videos per contact sheet")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tiny-model", help="the tiny random-weight preset")
     tiny = p.add_subparsers(dest="action", required=True, metavar="ACTION")

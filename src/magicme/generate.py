@@ -2,19 +2,24 @@
 
 We do not copy the pipeline's loop: diffusers' `AnimateDiffPipeline` runs it, and we hand it the
 initial latents drawn from the noise prior. With γ = 0 the result is the stock pipeline's, bit for bit.
+Clips longer than the motion module's 16 frames, and frame-indexed prompts, run through diffusers'
+FreeNoise windows (`long_video.py`) with the noise prior still drawn over every frame; FreeInit is an
+option to compare against the prior.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .identity import check_prompt_tokens, load_identities, read_identity_info
-from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
+from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
+from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
 from .noise_prior import check_gamma, noise_prior
 from .video import check_output_path, output_kind, write_sidecar, write_video
 
@@ -26,33 +31,65 @@ class GenerateConfig:
     prompts: list[str]
     negative_prompt: str = ""
     seeds: list[int] = field(default_factory=lambda: [0])
-    frames: int = 16  # AnimateDiff's context length
+    frames: int = 16  # AnimateDiff's context length; more runs in windows
     height: int | None = None  # None: the base model's native size (512 for SD-1.5, 64 for tiny)
     width: int | None = None
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int | None = None  # None: the preset's (25 full, 4 fast, 6 lcm)
+    guidance: float | None = None  # None: the preset's (7.5 full, 1.0 fast, 1.5 lcm)
     gamma: float = 0.15  # §5.2
     fps: int = 8
     identities: list[str] = field(default_factory=list)  # identity .safetensors files (§4.2)
     models: ModelSpec = field(default_factory=ModelSpec)
+    prompt_at: dict[int, str] = field(default_factory=dict)  # frame → prompt, blended between (prompt travel)
+    context_length: int | None = None  # frames per window; None: 16, windows only for longer clips
+    context_stride: int = 4  # frames between window starts (FreeNoise's default)
+    window_weighting: str = "pyramid"  # how overlapping windows blend (FreeNoise's default)
+    free_init: int | None = None  # FreeInit iterations; None: off (the noise prior alone)
 
     def check(self) -> None:
         """Validate every argument before any model work (ValueError naming the argument)."""
-        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+        if not self.prompts and 0 not in self.prompt_at:
+            raise ValueError("--prompt is required (or a frame-0 --prompt-at)")
+        if any(not isinstance(p, str) or not p.strip() for p in [*self.prompts, *self.prompt_at.values()]):
             raise ValueError("--prompt must be a non-empty string")
         check_gamma_arg(self.gamma)
-        for name, value, low in (("--frames", self.frames, 1), ("--steps", self.steps, 1), ("--fps", self.fps, 1)):
+        for name, value, low in (("--frames", self.frames, 1), ("--fps", self.fps, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
-        if not self.guidance >= 0:
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"--steps must be an integer >= 1, got {self.steps!r}")
+        if self.guidance is not None and not self.guidance >= 0:
             raise ValueError(f"--guidance must be >= 0, got {self.guidance!r}")
+        if self.free_init is not None and (not isinstance(self.free_init, int) or self.free_init < 1):
+            raise ValueError(f"--free-init must be an integer >= 1 (iterations), got {self.free_init!r}")
         if not self.seeds:
             raise ValueError("--seed needs at least one value")
         self.models.check()
-        check_prompt_tokens(self.prompts, [read_identity_info(p) for p in self.identities])
+        for prompt in self.jobs_prompts():
+            prompt_schedule(prompt, self.prompt_at, self.frames)
+        self.window_plan()
+        check_prompt_tokens([*self.prompts, *self.prompt_at.values()], [read_identity_info(p) for p in self.identities])
+
+    def resolved(self) -> "GenerateConfig":
+        """A copy with the preset's steps and guidance filled in where none were given."""
+        preset = PRESETS[self.models.preset]
+        return replace(
+            self,
+            steps=preset.steps if self.steps is None else self.steps,
+            guidance=preset.guidance if self.guidance is None else self.guidance,
+        )
+
+    def jobs_prompts(self) -> list[str | None]:
+        """The frame-0 prompt of each job (None: `prompt_at` names frame 0 itself)."""
+        return list(self.prompts) or [None]
+
+    def window_plan(self) -> WindowPlan | None:
+        return plan_windows(
+            self.frames, self.context_length, self.context_stride, self.window_weighting, travel=bool(self.prompt_at)
+        )
 
     def size(self) -> tuple[int, int]:
         native = TinyPreset().resolution if self.models.base == TINY else 512
@@ -90,25 +127,51 @@ def generate_video(
     steps: int = 25,
     guidance: float = 7.5,
     gamma: float = 0.15,
+    prompt_at: dict[int, str] | None = None,
+    windows: WindowPlan | None = None,
+    free_init: int | None = None,
     **pipe_kwargs,
 ) -> np.ndarray:
-    """One clip from a loaded `AnimateDiffPipeline`: frames as (F, H, W, 3) floats in [0, 1]."""
+    """One clip from a loaded `AnimateDiffPipeline`: frames as (F, H, W, 3) floats in [0, 1].
+
+    `prompt_at` (frame → prompt) travels between prompts; `windows` (see `long_video.plan_windows`)
+    runs FreeNoise windows; `free_init` runs that many FreeInit iterations. None of them: stock AnimateDiff.
+    """
+    if prompt_at:
+        prompt = prompt_schedule(prompt, prompt_at, frames)  # FreeNoise blends the prompts between frames
+        windows = windows or plan_windows(frames, None, 4, "pyramid", travel=True)
+    total = windows.padded_frames if windows else frames
     generator = torch.Generator("cpu").manual_seed(seed)
-    latents = initial_latents(pipe, 1, frames, height, width, gamma, generator)
-    out = pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt or None,
-        num_frames=frames,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=generator,
-        latents=latents,
-        output_type="np",
-        **pipe_kwargs,
-    )
-    return out.frames[0]
+    # eq. 4 over ALL frames: windows start from one correlated draw, not one draw per window
+    latents = initial_latents(pipe, 1, total, height, width, gamma, generator)
+    with windowed(pipe, windows), free_init_enabled(pipe, free_init):
+        out = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            num_frames=total,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+            latents=latents,
+            output_type="np",
+            **pipe_kwargs,
+        )
+    return out.frames[0][:frames]
+
+
+@contextmanager
+def free_init_enabled(pipe, iterations: int | None):
+    """FreeInit (Wu et al. 2023) for one call: its first pass starts from our latents, later ones re-noise them."""
+    if iterations is None:
+        yield pipe
+        return
+    pipe.enable_free_init(num_iters=iterations)
+    try:
+        yield pipe
+    finally:
+        pipe.disable_free_init()
 
 
 def output_paths(out: str | Path, prompts: list[str], seeds: list[int]) -> list[Path]:
@@ -127,13 +190,15 @@ def generate(
 ) -> list[Path]:
     """Run T2V VCD for every prompt × seed in `cfg`, writing each video and its run record; return the paths."""
     cfg.check()
-    paths = output_paths(check_output_path(out), cfg.prompts, cfg.seeds)
+    cfg = cfg.resolved()
+    paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
     height, width = cfg.size()
+    windows = cfg.window_plan()
     if pipe is None:
         pipe = load_pipeline(cfg.models, device=device)
     load_identities(pipe, cfg.identities)
     pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
-    jobs = [(p, s) for p in cfg.prompts for s in cfg.seeds]
+    jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]
     for (prompt, seed), path in zip(jobs, paths):
         frames = generate_video(
             pipe,
@@ -146,23 +211,43 @@ def generate(
             steps=cfg.steps,
             guidance=cfg.guidance,
             gamma=cfg.gamma,
+            prompt_at=cfg.prompt_at,
+            windows=windows,
+            free_init=cfg.free_init,
         )
         write_video(frames, path, fps=cfg.fps)
-        write_sidecar(path, run_record(cfg, prompt, seed, height, width))
+        write_sidecar(path, run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
     return paths
 
 
-def run_record(cfg: GenerateConfig, prompt: str, seed: int, height: int, width: int) -> dict:
+def run_record(
+    cfg: GenerateConfig, prompt: str | None, seed: int, height: int, width: int, *, pipe=None,
+    windows: WindowPlan | None = None,
+) -> dict:
     """Everything needed to reproduce one video."""
     spec = cfg.models
-    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler}
+    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
+    if pipe is not None:  # what actually ran, read back from the pipeline
+        models["scheduler_config"] = scheduler_record(pipe.scheduler)
     if spec.base != TINY:
         models["motion_adapter"] = fingerprint(spec.adapter_name())
+        if spec.adapter_weights():
+            models["motion_adapter"]["weights"] = spec.adapter_weights()
+        if PRESETS[spec.preset].lora:
+            models["lora"] = {"weights": PRESETS[spec.preset].lora, "scale": PRESETS[spec.preset].lora_scale}
         if spec.base_config:
             models["base_config"] = spec.base_config
     models["identities"] = [
         {**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities
     ]
-    skip = ("prompts", "seeds", "models", "height", "width", "identities")
+    skip = ("prompts", "seeds", "models", "height", "width", "identities", "prompt_at")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    return {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings}
+    record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings}
+    if cfg.prompt_at:
+        record["prompt_at"] = {str(k): v for k, v in prompt_schedule(prompt, cfg.prompt_at, cfg.frames).items()}
+    if windows is not None:
+        record["windows"] = {
+            "length": windows.length, "stride": windows.stride, "weighting": windows.weighting,
+            "generated_frames": windows.padded_frames, "ranges": windows.windows(),
+        }
+    return record

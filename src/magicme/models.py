@@ -18,9 +18,38 @@ import torch
 TINY = "tiny"
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # §5.2: the ID module trains on SD-1.5
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
-SCHEDULERS = ("ddim", "euler", "dpm")
+SCHEDULERS = ("ddim", "euler", "dpm", "lcm", "euler-trailing")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class SpeedPreset:
+    """A motion module with the scheduler, step count and guidance it was trained or distilled for."""
+
+    name: str
+    steps: int
+    guidance: float
+    scheduler: str | None = None  # None: ModelSpec.scheduler
+    motion_adapter: str | None = None  # hub id; None: ModelSpec's default adapter
+    adapter_weights: str | None = None  # one weight file in that repo (AnimateDiff-Lightning's form)
+    lora: str | None = None  # spatial LoRA weight file in that repo, trained with the adapter (AnimateLCM)
+    lora_scale: float = 1.0
+
+
+PRESETS = {
+    "full": SpeedPreset("full", steps=25, guidance=7.5),
+    # AnimateDiff-Lightning (Lin & Yang 2024): 4-step distilled adapter, Euler on trailing timesteps, no CFG
+    "fast": SpeedPreset(
+        "fast", steps=4, guidance=1.0, scheduler="euler-trailing", motion_adapter="ByteDance/AnimateDiff-Lightning",
+        adapter_weights="animatediff_lightning_4step_diffusers.safetensors",
+    ),
+    # AnimateLCM (Wang et al. 2024): consistency-distilled adapter + its LCM LoRA, 4–8 steps, low CFG
+    "lcm": SpeedPreset(
+        "lcm", steps=6, guidance=1.5, scheduler="lcm", motion_adapter="wangfuyun/AnimateLCM",
+        lora="AnimateLCM_sd15_t2v_lora.safetensors", lora_scale=0.8,
+    ),
+}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -127,7 +156,7 @@ def save_tiny_model(folder: str | Path, preset: TinyPreset = TinyPreset()) -> Pa
 
 def make_scheduler(name: str, base_config: dict | None = None):
     """A scheduler by short name, on AnimateDiff's recommended settings (linear betas, no sample clipping)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
@@ -139,7 +168,17 @@ def make_scheduler(name: str, base_config: dict | None = None):
         return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
     if name == "euler":
         return EulerDiscreteScheduler.from_config(config)
+    if name == "euler-trailing":  # what AnimateDiff-Lightning was distilled on
+        return EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    if name == "lcm":  # AnimateLCM's: SD's leading spacing, linear betas
+        return LCMScheduler.from_config(config, timestep_spacing="leading", clip_sample=False)
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=False)
+
+
+def scheduler_record(scheduler) -> dict:
+    """The scheduler a pipeline actually holds, for the run record."""
+    keys = ("beta_schedule", "timestep_spacing", "steps_offset", "prediction_type")
+    return {"class": type(scheduler).__name__, **{k: scheduler.config.get(k) for k in keys if k in scheduler.config}}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -182,10 +221,39 @@ def _from_pretrained(cls, what: str, name: str, **kwargs):
         raise _not_found(what, name, f"{where} ({first})") from None
 
 
-def load_motion_adapter(name: str, dtype: torch.dtype | None = None):
+def load_motion_adapter(name: str, dtype: torch.dtype | None = None, weights: str | None = None):
+    """A MotionAdapter from a diffusers folder or hub id, or from one weight file.
+
+    A `.safetensors` file (or `weights`, a file inside hub repo `name`) holds only the adapter's
+    tensors, as AnimateDiff-Lightning ships them: the config is the `config.json` beside a local
+    file, else the stock SD-1.5 adapter's (MotionAdapter's defaults).
+    """
     from diffusers import MotionAdapter
 
-    return _from_pretrained(MotionAdapter, "motion adapter", name, dtype=dtype)
+    if weights is None and not name.lower().endswith(".safetensors"):
+        return _from_pretrained(MotionAdapter, "motion adapter", name, dtype=dtype)
+    from safetensors.torch import load_file
+
+    if weights is None:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise _not_found("motion adapter", name, "no such weight file")
+        config = path.with_name("config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(name, weights))
+        except Exception as e:  # offline, missing repo or file: hub errors are of several kinds
+            raise _not_found("motion adapter", f"{name}/{weights}", f"not reachable on the hub ({type(e).__name__})") from None
+        config = None
+    adapter = MotionAdapter.from_config(MotionAdapter.load_config(str(config))) if config and config.is_file() else MotionAdapter()
+    try:
+        adapter.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"--motion-adapter {name!r}: weights do not fit an SD-1.5 motion adapter ({first})") from None
+    return adapter.to(dtype=dtype) if dtype is not None else adapter
 
 
 def load_base(name: str, dtype: torch.dtype | None = None, config: str | None = None) -> dict:
@@ -223,10 +291,18 @@ class ModelSpec:
     motion_adapter: str | None = None  # None: the base folder's motion_adapter/, else the AnimateDiff v1.5-2 adapter
     base_config: str | None = None  # configs for a single-file base
     scheduler: str = "ddim"
+    preset: str = "full"  # "fast"/"lcm": a few-step adapter with its own scheduler (see PRESETS)
 
     def check(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if PRESETS[self.preset].lora and self.base != TINY:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ValueError(f"--preset {self.preset} loads a LoRA, which needs peft: pip install 'magicme[lcm]'")
         if self.base == TINY:
             if self.motion_adapter not in (None, TINY):
                 raise ValueError("--motion-adapter cannot be combined with --base tiny (the preset has its own)")
@@ -239,9 +315,19 @@ class ModelSpec:
         if self.motion_adapter not in (None, TINY):
             _resolve("motion adapter", self.motion_adapter)
 
+    def scheduler_name(self) -> str:
+        """The preset's scheduler (a few-step adapter only works with the one it was distilled on), else ours."""
+        return PRESETS[self.preset].scheduler or self.scheduler
+
+    def adapter_weights(self) -> str | None:
+        """A weight file inside the preset's hub repo, when the adapter is the preset's own."""
+        return PRESETS[self.preset].adapter_weights if self.motion_adapter in (None, TINY) else None
+
     def adapter_name(self) -> str:
         if self.motion_adapter not in (None, TINY):
             return self.motion_adapter
+        if PRESETS[self.preset].motion_adapter:
+            return PRESETS[self.preset].motion_adapter
         local = Path(self.base).expanduser() / "motion_adapter"
         return str(local) if local.is_dir() else DEFAULT_MOTION_ADAPTER
 
@@ -257,9 +343,13 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dty
         parts = tiny_components()
     else:
         parts = load_base(spec.base, dtype=dtype, config=spec.base_config)
-        parts["motion_adapter"] = load_motion_adapter(spec.adapter_name(), dtype=dtype)
-    parts["scheduler"] = make_scheduler(spec.scheduler, dict(parts["scheduler"].config))
+        parts["motion_adapter"] = load_motion_adapter(spec.adapter_name(), dtype=dtype, weights=spec.adapter_weights())
+    parts["scheduler"] = make_scheduler(spec.scheduler_name(), dict(parts["scheduler"].config))
     pipe = AnimateDiffPipeline(**parts)
+    preset = PRESETS[spec.preset]
+    if preset.lora and spec.base != TINY:  # the tiny preset keeps its own random adapter and no LoRA
+        pipe.load_lora_weights(spec.adapter_name(), weight_name=preset.lora, adapter_name=preset.name)
+        pipe.set_adapters([preset.name], [preset.lora_scale])
     if pipe.unet.dtype != dtype:  # the tiny preset is built in fp32; real weights were loaded in `dtype`
         pipe.to(dtype=dtype)
     return pipe.to(device)

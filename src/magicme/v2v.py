@@ -288,9 +288,11 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
 def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> dict:
     """The run record of a V2V stage: its settings, input, models and identities."""
     spec = cfg.models
-    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler}
+    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
     if spec.base != TINY:
         models["motion_adapter"] = fingerprint(spec.adapter_name())
+        if spec.adapter_weights():
+            models["motion_adapter"]["weights"] = spec.adapter_weights()
         if spec.base_config:
             models["base_config"] = spec.base_config
     models["identities"] = [{**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities]

@@ -1,0 +1,353 @@
+"""The paper's video metrics (§5.2): identity alignment, text alignment and temporal smoothness.
+
+- CLIP-I / DINO: mean cosine similarity between every generated frame and every reference image,
+  in CLIP image-embedding space / DINO ViT-S/16 CLS-feature space.
+- CLIP-T: mean CLIP text–image similarity of each frame with its prompt, the identity token
+  replaced by the class word (the metric models do not know the token).
+- Temporal consistency: mean CLIP and DINO similarity of consecutive frames.
+- Face similarity (optional, for people): mean cosine similarity of face embeddings of frames and
+  references, from a face-embedding model the user names.
+
+The math is small pure functions on embeddings; `Scorer` owns the models (loaded once, batched,
+no grad, on the GPU when there is one) and caches the reference embeddings of each folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .identity import token_pattern
+from .video import IMAGE_SUFFIXES, to_uint8
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # §5.2 CLIP-I / CLIP-T
+DEFAULT_DINO = "facebook/dino-vits16"  # §5.2 DINO (ViT-S/16)
+METRICS = ("dino", "clip_i", "clip_t", "temporal_dino", "temporal_clip")  # Table 1's rows, in its order
+
+
+# ---- the math: pure functions on embeddings ---------------------------------------------------
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, D) × (M, D) → (N, M) cosine similarities."""
+    a = torch.nn.functional.normalize(a.double(), dim=-1)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    return a @ b.T
+
+
+def _need_frames(frames: torch.Tensor, least: int, what: str) -> None:
+    if frames.ndim != 2 or frames.shape[0] < least:
+        raise ValueError(f"{what} needs at least {least} frame embedding(s) of shape (F, D), got {tuple(frames.shape)}")
+
+
+def identity_alignment(frames: torch.Tensor, references: torch.Tensor) -> float:
+    """CLIP-I or DINO (§5.2): mean over all (frame, reference) pairs of their cosine similarity.
+
+    frames: (F, D) embeddings of the generated frames; references: (R, D) of the reference images.
+    """
+    _need_frames(frames, 1, "identity alignment")
+    _need_frames(references, 1, "identity alignment (references)")
+    return float(cosine_matrix(frames, references).mean())
+
+
+def text_alignment(frames: torch.Tensor, text: torch.Tensor) -> float:
+    """CLIP-T (§5.2): mean cosine similarity of each frame's CLIP image embedding with the prompt's
+    CLIP text embedding. frames: (F, D); text: (D,) or (1, D)."""
+    _need_frames(frames, 1, "text alignment")
+    return float(cosine_matrix(frames, text.reshape(1, -1)).mean())
+
+
+def temporal_consistency(frames: torch.Tensor) -> float:
+    """Temporal consistency (§5.2): mean cosine similarity of consecutive frames, (F, D) with F ≥ 2."""
+    _need_frames(frames, 2, "temporal consistency")
+    a = torch.nn.functional.normalize(frames.double(), dim=-1)
+    return float((a[1:] * a[:-1]).sum(-1).mean())
+
+
+def motion_magnitude(frames: np.ndarray) -> float:
+    """How much a clip moves: mean absolute pixel change between consecutive frames, in [0, 1].
+
+    frames: (F, H, W, 3) uint8 or floats in [0, 1]. A still clip scores 0. Flow-free on purpose:
+    it needs no extra model and is monotone in the pixel change temporal consistency rewards.
+    """
+    arr = to_uint8(frames).astype(np.float32) / 255.0
+    if arr.shape[0] < 2:
+        raise ValueError(f"motion magnitude needs at least 2 frames, got {arr.shape[0]}")
+    return float(np.abs(arr[1:] - arr[:-1]).mean())
+
+
+def scoring_prompt(prompt: str, token: str, class_word: str) -> str:
+    """The prompt CLIP-T scores: the identity token replaced by the class word (§5.2).
+
+    'a <v*> dog on the beach' → 'a dog on the beach' (a class word right after the token is
+    kept once, not doubled); 'photo of <v*>' → 'photo of dog'.
+    """
+    if not class_word.strip():
+        raise ValueError(f"--class-word is needed to score the prompt {prompt!r} (it holds the token {token!r})")
+    pat = token_pattern(token)
+    followed = re.compile(pat.pattern + rf"\s+(?={re.escape(class_word)}\b)")
+    out = pat.sub(class_word, followed.sub("", prompt))
+    return re.sub(r"\s+", " ", out).strip()
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricModels:
+    """Which models score: any CLIP (e.g. openai/clip-vit-large-patch14) and any ViT/DINOv2 (e.g. facebook/dinov2-small)."""
+
+    clip: str = DEFAULT_CLIP  # §5.2
+    dino: str = DEFAULT_DINO  # §5.2
+    batch_size: int = 32
+
+    def check(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"--batch-size must be an integer >= 1, got {self.batch_size!r}")
+        for arg, name in (("--clip-model", self.clip), ("--dino-model", self.dino)):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{arg} must name a hub id or a local folder, got {name!r}")
+
+
+def _load(cls, arg: str, name: str, **kwargs):
+    """`cls.from_pretrained(name)` with a missing/unreadable model turned into one clear error."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"{arg} {name!r} could not be loaded ({first}); give a hub id or a folder saved with save_pretrained"
+        ) from None
+
+
+def load_reference_images(folder: str | Path) -> list[np.ndarray]:
+    """The reference photos of a subject: every image file in `folder`, sorted, as (H, W, 3) uint8."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--references {str(folder)!r} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"--references {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+
+
+def _folder_key(folder: Path) -> tuple:
+    """Cache key of a reference folder: its files' names, sizes and modification times."""
+    return (str(folder.resolve()),) + tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()
+    )
+
+
+FaceEmbedder = Callable[[np.ndarray], "np.ndarray | None"]
+"""A face-identity model: (H, W, 3) uint8 RGB image → 1-D embedding of its main face, or None if no face."""
+
+
+class Scorer:
+    """Loads CLIP and DINO once and scores videos; reference embeddings are computed once per folder."""
+
+    def __init__(self, models: MetricModels = MetricModels(), device: str | torch.device | None = None,
+                 face: FaceEmbedder | None = None):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+
+        models.check()
+        self.models = models
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # backend="pil": the torchvision-free processors, identical resize/crop/normalise
+        self.clip = _load(CLIPModel, "--clip-model", models.clip, dtype=dtype).to(self.device).eval()
+        self.clip_processor = _load(AutoImageProcessor, "--clip-model", models.clip, backend="pil")
+        self.clip_tokenizer = _load(AutoTokenizer, "--clip-model", models.clip)
+        # DINO ViT checkpoints carry no pooler; we read the CLS token, so don't build a random one
+        extra = {"add_pooling_layer": False} if _load(AutoConfig, "--dino-model", models.dino).model_type == "vit" else {}
+        self.dino = _load(AutoModel, "--dino-model", models.dino, dtype=dtype, **extra).to(self.device).eval()
+        self.dino_processor = _load(AutoImageProcessor, "--dino-model", models.dino, backend="pil")
+        self.face = face
+        self._references: dict[tuple, dict[str, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def clip_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(N, D) CLIP image embeddings (projected), computed in batches of `batch_size`, on the CPU."""
+        return self._batched(images, self.clip_processor, self._clip_forward)
+
+    @torch.no_grad()
+    def dino_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(N, D) DINO features: the CLS token of the last layer (ViT and DINOv2 alike)."""
+        return self._batched(images, self.dino_processor, lambda px: self.dino(pixel_values=px).last_hidden_state[:, 0])
+
+    @torch.no_grad()
+    def clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) CLIP text embeddings (projected)."""
+        tok = self.clip_tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        out = self.clip.get_text_features(**tok)
+        return getattr(out, "pooler_output", out).float().cpu()
+
+    def _clip_forward(self, px: torch.Tensor) -> torch.Tensor:
+        out = self.clip.get_image_features(pixel_values=px)
+        return getattr(out, "pooler_output", out)  # transformers 5 returns a model output, 4.x a tensor
+
+    def _batched(self, images, processor, forward) -> torch.Tensor:
+        images = list(images)
+        if not images:
+            raise ValueError("no images to embed (a video of zero frames?)")
+        dtype = next(self.clip.parameters()).dtype
+        out = []
+        for i in range(0, len(images), self.models.batch_size):
+            px = processor(images=images[i : i + self.models.batch_size], return_tensors="pt")["pixel_values"]
+            out.append(forward(px.to(self.device, dtype)).float().cpu())
+        return torch.cat(out)
+
+    def reference_embeddings(self, folder: str | Path) -> dict[str, torch.Tensor | None]:
+        """CLIP, DINO (and face) embeddings of a reference folder, cached until its files change."""
+        folder = Path(folder)
+        images = load_reference_images(folder)
+        key = _folder_key(folder)
+        if key not in self._references:
+            self._references[key] = {
+                "clip": self.clip_images(images),
+                "dino": self.dino_images(images),
+                "face": face_embeddings(self.face, images) if self.face else None,
+            }
+        return self._references[key]
+
+    def score(self, frames, references: str | Path, prompt: str, *, token: str | None = None,
+              class_word: str = "") -> dict[str, float | int | str | None]:
+        """All metrics of one clip. frames: (F, H, W, 3) uint8 or floats in [0, 1], F ≥ 1.
+
+        Temporal consistency and motion need F ≥ 2 and are None for a single frame.
+        """
+        arr = to_uint8(frames)
+        text = scoring_prompt(prompt, token, class_word) if token and token_pattern(token).search(prompt) else prompt
+        ref = self.reference_embeddings(references)
+        clip = self.clip_images(list(arr))
+        dino = self.dino_images(list(arr))
+        row: dict[str, float | int | str | None] = {
+            "dino": identity_alignment(dino, ref["dino"]),
+            "clip_i": identity_alignment(clip, ref["clip"]),
+            "clip_t": text_alignment(clip, self.clip_texts([text])[0]),
+            "temporal_dino": temporal_consistency(dino) if len(arr) > 1 else None,
+            "temporal_clip": temporal_consistency(clip) if len(arr) > 1 else None,
+            "motion": motion_magnitude(arr) if len(arr) > 1 else None,
+            "frames": int(len(arr)),
+            "scored_prompt": text,
+        }
+        if self.face is not None:
+            row["face"] = face_similarity(face_embeddings(self.face, list(arr)), ref["face"])
+        return row
+
+
+# ---- face identity (optional) ------------------------------------------------------------------
+
+
+def face_embeddings(embedder: FaceEmbedder, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """(N, D) face embeddings of the images in which `embedder` finds a face (N may be 0)."""
+    found = [e for e in (embedder(np.asarray(im)) for im in images) if e is not None]
+    if not found:
+        return torch.zeros(0, 0)
+    return torch.as_tensor(np.stack([np.asarray(e, np.float32).reshape(-1) for e in found]))
+
+
+def face_similarity(frames: torch.Tensor, references: torch.Tensor | None) -> float | None:
+    """Mean cosine similarity of face embeddings of frames and references; None when either has no face."""
+    if references is None or frames.shape[0] == 0 or references.shape[0] == 0:
+        return None
+    return float(cosine_matrix(frames, references).mean())
+
+
+def face_embedder(model: str | Path | None, detector: str | Path | None) -> "SFaceEmbedder | None":
+    """The OpenCV face embedder for `--face-model`/`--face-detector`, or None when neither is given."""
+    if model is None and detector is None:
+        return None
+    if model is None or detector is None:
+        raise ValueError("--face-model and --face-detector go together (SFace recogniser + YuNet detector .onnx)")
+    return SFaceEmbedder(model, detector)
+
+
+class SFaceEmbedder:
+    """Face embeddings with OpenCV: YuNet (`cv2.FaceDetectorYN`) finds the largest face, SFace
+    (`cv2.FaceRecognizerSF`) aligns and embeds it. Both are .onnx files the user names (OpenCV Zoo:
+    face_detection_yunet_2023mar.onnx, face_recognition_sface_2021dec.onnx)."""
+
+    def __init__(self, recognizer: str | Path, detector: str | Path, score_threshold: float = 0.8):
+        import cv2
+
+        for arg, path in (("--face-model", recognizer), ("--face-detector", detector)):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{arg} {str(path)!r} does not exist (an .onnx file from OpenCV Zoo)")
+        try:
+            self.detector = cv2.FaceDetectorYN.create(str(detector), "", (320, 320), score_threshold)
+            self.recognizer = cv2.FaceRecognizerSF.create(str(recognizer), "")
+        except cv2.error as e:
+            raise ValueError(f"--face-model/--face-detector could not be read by OpenCV ({str(e).strip()})") from None
+
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        import cv2
+
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        self.detector.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, faces = self.detector.detect(bgr)
+        if faces is None or len(faces) == 0:
+            return None
+        largest = max(faces, key=lambda f: f[2] * f[3])
+        return self.recognizer.feature(self.recognizer.alignCrop(bgr, largest)).reshape(-1)
+
+
+def evaluate_video(video: str | Path, references: str | Path, prompt: str, *, token: str | None = None,
+                   class_word: str = "", identity: str | Path | None = None, scorer: Scorer | None = None,
+                   models: MetricModels = MetricModels(), device: str | None = None,
+                   face: FaceEmbedder | None = None) -> dict:
+    """Score one video file or frame folder against a reference folder (`magicme evaluate`).
+
+    With `identity`, the token and class word come from the identity file unless given.
+    """
+    from .identity import read_identity_info
+    from .video import read_video
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("--prompt must be a non-empty string")
+    if identity is not None:
+        info = read_identity_info(identity)
+        token, class_word = token or info.token, class_word or info.class_word
+    if token and token_pattern(token).search(prompt) and not class_word.strip():
+        raise ValueError(f"--class-word is needed: the prompt holds the token {token!r} and the metric models do not know it")
+    load_reference_images(references)  # fail on a bad folder before loading any model
+    frames = read_video(video)
+    scorer = scorer or Scorer(models, device=device, face=face)
+    return scorer.score(frames, references, prompt, token=token, class_word=class_word)
+
+
+def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
+    """A tiny random-weight CLIP and DINO (ViT) saved with save_pretrained, for offline tests and benchmarks.
+
+    Scores from them are meaningless numbers; they run the same by-path loading code as real weights.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTImageProcessorPil, ViTModel
+
+    from .tokenizer import tiny_clip_tokenizer
+
+    folder = Path(folder)
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPModel(CLIPConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=32, patch_size=8),
+            projection_dim=16,
+        ))
+        dino = ViTModel(ViTConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8), add_pooling_layer=False)
+    clip.save_pretrained(folder / "clip")
+    tokenizer.save_pretrained(folder / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder / "clip")
+    dino.save_pretrained(folder / "dino")
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
+    return MetricModels(clip=str(folder / "clip"), dino=str(folder / "dino"))

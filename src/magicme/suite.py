@@ -1,0 +1,459 @@
+"""The evaluation protocol (paper §5.2, Tables 1–2): subjects × prompts × seeds → generate → score.
+
+A subjects file (YAML) names each subject's identity file, reference folder, class word and
+prompts, plus the generation and metric settings. Every video becomes one JSON line in a results
+file, written as soon as it is scored, so an interrupted suite resumes where it stopped. Under
+`accelerate launch` the jobs are split across processes; each appends to its own part file and
+the main process merges them at the end (deduplicated by job, so no row is lost or repeated).
+
+Ablations (Table 2): `gamma: 0` is "w/o 3D Gaussian noise prior"; "w/o prompt-to-segmentation"
+is a subject whose identity was trained without the mask (its file's `masked` metadata, copied
+into every row). Baselines without an ID module (Table 1's "SD", "Realistic Vision"): a subject with
+`identity: none` and plain class-word prompts, in a results file of its own `base`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .evaluate import MetricModels, load_reference_images
+from .identity import IdentityInfo, check_prompt_tokens, read_identity_info
+from .models import ModelSpec, fingerprint
+
+log = logging.getLogger(__name__)
+
+PAPER_SEEDS = (0, 1, 2, 3)  # §5.2: four videos per prompt
+VIDEO_FORMATS = ("mp4", "gif")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject of the protocol: its identity file, reference photos, class word and prompts.
+
+    `identity` None is the no-ID-module baseline: prompts are used as written, with the class word.
+    """
+
+    name: str
+    identity: Path | None
+    references: Path
+    prompts: tuple[str, ...]
+    class_word: str = ""  # "": the identity file's
+
+    def info(self) -> IdentityInfo | None:
+        return read_identity_info(self.identity) if self.identity is not None else None
+
+
+@dataclass
+class SuiteConfig:
+    """The whole protocol; the subjects file, the CLI and the Python API share these fields."""
+
+    subjects: list[Subject]
+    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))  # §5.2
+    frames: int = 16
+    steps: int = 25
+    guidance: float = 7.5
+    gamma: float = 0.15  # §5.2; 0 = the "w/o 3D Gaussian noise prior" ablation (Table 2)
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    models: ModelSpec = field(default_factory=ModelSpec)
+    metrics: MetricModels = field(default_factory=MetricModels)
+    face_model: str | None = None  # SFace .onnx (cv2.FaceRecognizerSF)
+    face_detector: str | None = None  # YuNet .onnx (cv2.FaceDetectorYN)
+    video_format: str = "mp4"
+
+    def generate_config(self, subject: Subject):
+        from .generate import GenerateConfig
+
+        return GenerateConfig(
+            prompts=list(subject.prompts), negative_prompt=self.negative_prompt, seeds=list(self.seeds),
+            frames=self.frames, height=self.height, width=self.width, steps=self.steps, guidance=self.guidance,
+            gamma=self.gamma, identities=[str(subject.identity)] if subject.identity else [], models=self.models,
+        )
+
+    def check(self) -> None:
+        """Validate everything before any model work: ValueError/FileNotFoundError naming the subject and field."""
+        if not self.subjects:
+            raise ValueError("--subjects: the subjects file lists no subjects")
+        names = [s.name for s in self.subjects]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--subjects: subject names must be unique, got {names}")
+        if self.video_format not in VIDEO_FORMATS:
+            raise ValueError(f"video_format must be one of {', '.join(VIDEO_FORMATS)}, got {self.video_format!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seed values must be distinct, got {self.seeds}")
+        if (self.face_model is None) != (self.face_detector is None):
+            raise ValueError("--face-model and --face-detector go together (SFace recogniser + YuNet detector .onnx)")
+        for arg, path in (("--face-model", self.face_model), ("--face-detector", self.face_detector)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{arg} {str(path)!r} does not exist")
+        self.metrics.check()
+        for s in self.subjects:
+            where = f"--subjects: subject {s.name!r}"
+            if s.identity is not None and not s.identity.is_file():
+                raise FileNotFoundError(f"{where}: identity file {str(s.identity)!r} does not exist")
+            if not s.references.is_dir():
+                raise FileNotFoundError(f"{where}: reference folder {str(s.references)!r} does not exist")
+            try:
+                load_reference_images(s.references)
+                info = s.info()
+                if not (s.class_word or (info.class_word if info else "")).strip():
+                    raise ValueError("no class word (give class_word: in the subjects file)")
+                if not s.prompts:
+                    raise ValueError("the prompt list is empty")
+                self.generate_config(s).check()
+                check_prompt_tokens(list(s.prompts), [info] if info else [])
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"{where}: {e}") from None
+
+    def configuration(self) -> dict:
+        """What makes rows comparable: generation settings and every model's identity (not the subjects or
+    seeds, which only say which videos there are)."""
+        gen = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("subjects", "seeds", "models", "metrics")}
+        spec = self.models
+        models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler}
+        if spec.base != "tiny":
+            models["motion_adapter"] = fingerprint(spec.adapter_name())
+        for key in ("face_model", "face_detector"):
+            if gen[key]:
+                gen[key] = fingerprint(gen[key])
+        metrics = {"clip": fingerprint(self.metrics.clip), "dino": fingerprint(self.metrics.dino)}
+        return json.loads(json.dumps({**gen, "models": models, "metrics": metrics}, default=str))
+
+
+# ---- the subjects file ---------------------------------------------------------------------------
+
+_SUBJECT_KEYS = {"name", "identity", "references", "prompts", "class_word"}
+_MODEL_KEYS = {"base": "base", "motion_adapter": "motion_adapter", "base_config": "base_config", "scheduler": "scheduler"}
+_METRIC_KEYS = {"clip_model": "clip", "dino_model": "dino", "batch_size": "batch_size"}
+_PLAIN_KEYS = {f.name for f in fields(SuiteConfig)} - {"subjects", "models", "metrics"}
+
+
+def load_suite(path: str | Path, **overrides) -> SuiteConfig:
+    """Read a subjects file (YAML; paths relative to it) into a checked `SuiteConfig`.
+
+    `overrides` (CLI flags; None = keep the file's) may set any top-level key, e.g. gamma=0.0.
+    Layout::
+
+        seeds: [0, 1, 2, 3]
+        gamma: 0.15
+        base: tiny                      # or a hub id / folder / .safetensors
+        clip_model: openai/clip-vit-base-patch32
+        subjects:
+          - name: dog
+            identity: ids/dog.safetensors
+            references: refs/dog
+            class_word: dog             # optional: the identity file's
+            prompts: ["a <v*> dog running on the beach", ...]
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--subjects {str(path)!r} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"--subjects {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("subjects"), list):
+        raise ValueError(f"--subjects {str(path)!r} must be a mapping with a 'subjects:' list")
+    root = path.parent
+    for key in ("face_model", "face_detector"):  # the file's paths are relative to it; a flag's to the cwd
+        if doc.get(key):
+            doc[key] = str(root / doc[key])
+    for key in ("base", "motion_adapter", "base_config", "clip_model", "dino_model"):  # a local model, or a hub id
+        if isinstance(doc.get(key), str) and (root / doc[key]).exists():
+            doc[key] = str(root / doc[key])
+    doc.update({k: v for k, v in overrides.items() if v is not None})
+    known = {"subjects"} | set(_MODEL_KEYS) | set(_METRIC_KEYS) | _PLAIN_KEYS
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ValueError(f"--subjects {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+    subjects = [_subject(entry, i, root, path) for i, entry in enumerate(doc["subjects"])]
+    plain = {k: doc[k] for k in _PLAIN_KEYS if k in doc}
+    if "seeds" in plain:
+        plain["seeds"] = list(plain["seeds"]) if isinstance(plain["seeds"], (list, tuple)) else [plain["seeds"]]
+    cfg = SuiteConfig(
+        subjects=subjects,
+        models=ModelSpec(**{v: doc[k] for k, v in _MODEL_KEYS.items() if k in doc}),
+        metrics=MetricModels(**{v: doc[k] for k, v in _METRIC_KEYS.items() if k in doc}),
+        **plain,
+    )
+    cfg.check()
+    return cfg
+
+
+def _subject(entry, i: int, root: Path, path: Path) -> Subject:
+    if not isinstance(entry, dict):
+        raise ValueError(f"--subjects {str(path)!r}: subject #{i + 1} must be a mapping")
+    unknown = sorted(set(entry) - _SUBJECT_KEYS)
+    missing = sorted({"identity", "references", "prompts"} - set(entry))
+    name = str(entry.get("name") or f"subject{i + 1}")
+    if unknown or missing:
+        raise ValueError(f"--subjects: subject {name!r}: " + (f"unknown keys {unknown}" if unknown else f"missing {missing}"))
+    prompts = entry["prompts"]
+    if isinstance(prompts, str) or not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"--subjects: subject {name!r}: prompts must be a list of non-empty strings")
+    return Subject(
+        name=name,
+        identity=None if entry["identity"] in (None, "none") else root / str(entry["identity"]),
+        references=(root / str(entry["references"])),
+        prompts=tuple(prompts),
+        class_word=str(entry.get("class_word") or ""),
+    )
+
+
+# ---- jobs and the results file -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    subject: Subject
+    prompt_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return job_key(self.subject.name, self.prompt, self.seed)
+
+
+def job_key(subject: str, prompt: str, seed: int) -> str:
+    return json.dumps([subject, prompt, seed])
+
+
+def row_key(row: dict) -> str:
+    return job_key(row["subject"], row["prompt"], row["seed"])
+
+
+def jobs(cfg: SuiteConfig) -> list[Job]:
+    """Every video of the protocol, subject-major (so a process switches identity rarely)."""
+    return [Job(s, i, p, seed) for s in cfg.subjects for i, p in enumerate(s.prompts) for seed in cfg.seeds]
+
+
+def config_id(configuration: dict) -> str:
+    return hashlib.sha256(json.dumps(configuration, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def part_paths(results: Path) -> list[Path]:
+    """Per-process row files of an accelerate run (left behind only by an interrupted run)."""
+    return sorted(results.parent.glob(f"{results.name}.part-*"))
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a results (or part) file; a line cut short by an interruption is skipped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping an incomplete row (an interrupted write); its video is redone", path, n)
+            continue
+        if isinstance(row, dict) and {"subject", "prompt", "seed", "config_id"} <= set(row):
+            rows.append(row)
+        else:
+            log.warning("%s:%d: skipping a line that is not a results row", path, n)
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row durably (flushed and fsynced), after mending a line cut short by a crash."""
+    with open(path, "ab") as fh:
+        if fh.tell() > 0:
+            with open(path, "rb") as rd:
+                rd.seek(-1, os.SEEK_END)
+                if rd.read(1) != b"\n":
+                    fh.write(b"\n")
+        fh.write((json.dumps(row, sort_keys=True) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def check_compatible(rows: list[dict], configuration: dict, subjects: dict[str, dict], results: Path) -> None:
+    """Refuse to add rows to a results file made with another configuration; say what differs."""
+    cid = config_id(configuration)
+    for row in rows:
+        if row["config_id"] != cid:
+            old = row.get("config", {})
+            diff = sorted(k for k in set(old) | set(configuration) if old.get(k) != configuration.get(k))
+            detail = "; ".join(f"{k}: {old.get(k)!r} there, {configuration.get(k)!r} now" for k in diff[:4])
+            raise ValueError(
+                f"--results {str(results)!r} was written with another configuration ({detail or 'unknown'}); "
+                "use a new results file for this configuration (the report compares files side by side)"
+            )
+        now = subjects.get(row["subject"])
+        if now is not None:
+            for key in ("identity", "references"):
+                if row.get(key) != now[key]:
+                    raise ValueError(
+                        f"--results {str(results)!r}: subject {row['subject']!r} has a different {key} than when its rows "
+                        "were written; use a new results file"
+                    )
+
+
+def merge_results(results: Path) -> int:
+    """Fold the part files into `results` (atomically; each job once, first row wins); return the row count."""
+    parts = part_paths(results)
+    rows, seen, duplicates = [], set(), 0
+    for path in [results, *parts]:
+        for row in read_rows(path):
+            if row_key(row) in seen:
+                duplicates += 1
+                continue
+            seen.add(row_key(row))
+            rows.append(row)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    if parts or duplicates or (results.exists() and results.read_text() != text):
+        fd, tmp = tempfile.mkstemp(prefix=f".{results.name}.", dir=results.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, results)
+        for p in parts:  # only after the merged file is in place: a crash here leaves duplicates, never a loss
+            p.unlink()
+    return len(rows)
+
+
+def subject_fingerprints(cfg: SuiteConfig) -> dict[str, dict]:
+    out = {}
+    for s in cfg.subjects:
+        h = hashlib.sha256()
+        for p in sorted(s.references.iterdir()):
+            if p.is_file():
+                h.update(p.name.encode() + hashlib.sha256(p.read_bytes()).digest())
+        ident = fingerprint(str(s.identity)).get("fingerprint") if s.identity else None
+        out[s.name] = {"identity": ident, "references": h.hexdigest()[:16]}
+    return out
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def use_identity(pipe, path: Path, loaded: dict[str, Path]) -> IdentityInfo:
+    """Make `path` the identity its token means in `pipe` (stock load_textual_inversion the first time;
+    two subjects may share a token, e.g. a masked and an unmasked training of one subject)."""
+    import torch
+
+    from .identity import load_identities, read_identity
+
+    info = read_identity_info(path)
+    if info.token not in loaded:
+        load_identities(pipe, [path])
+    elif loaded[info.token] != path:
+        emb, _ = read_identity(path)
+        tokens = [info.token] + [f"{info.token}_{i}" for i in range(1, info.num_vectors)]
+        ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
+        known = [t for t in pipe.tokenizer.get_vocab() if t == info.token or t.startswith(info.token + "_")]
+        if len(known) != info.num_vectors or pipe.tokenizer.unk_token_id in ids:
+            raise ValueError(f"identity {str(path)!r} reuses token {info.token!r} with another number of vectors; retrain it with another --token")
+        with torch.no_grad():
+            weight = pipe.text_encoder.get_input_embeddings().weight
+            weight[ids] = emb.to(weight.device, weight.dtype)
+    loaded[info.token] = path
+    return info
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """What one process of `run_suite` did."""
+
+    results: Path
+    process_index: int
+    num_processes: int
+    scored: int  # videos this process generated and scored now
+    rows: int  # rows in the merged results file
+
+
+def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | None = None, quiet: bool = False,
+              device: str | None = None) -> SuiteRun:
+    """Generate and score every job not yet in `results`; merge the rows into `results`.
+
+    Runs unchanged in one process or under `accelerate launch` (jobs split by process index).
+    `videos` (default: `<results>.videos/` beside it) receives each clip and its run record.
+    """
+    import sys
+
+    import torch
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    from .evaluate import Scorer, face_embedder
+    from .generate import generate_video, run_record
+    from .models import load_pipeline
+    from .video import to_uint8, write_sidecar, write_video
+
+    results = Path(results)
+    if results.suffix != ".jsonl":
+        raise ValueError(f"--results {str(results)!r} must end in .jsonl")
+    if not results.parent.is_dir():
+        raise FileNotFoundError(f"--results {str(results)!r}: folder {str(results.parent)!r} does not exist")
+    cfg.check()
+    videos = Path(videos) if videos else results.with_name(results.name + ".videos")
+    configuration = cfg.configuration()
+    cid = config_id(configuration)
+    subjects = subject_fingerprints(cfg)
+    # cpu=True lets torchrun-launched processes on a GPU-less machine form a gloo group (MULTI_CPU)
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    existing = [r for p in [results, *part_paths(results)] for r in read_rows(p)]
+    check_compatible(existing, configuration, subjects, results)
+    done = {row_key(r) for r in existing}
+    todo = [j for j in jobs(cfg) if j.key not in done]
+    state.wait_for_everyone()  # every process has read the same rows before any process writes one
+    mine = todo[state.process_index :: state.num_processes]
+    out = results if state.num_processes == 1 else results.with_name(f"{results.name}.part-{state.process_index:03d}")
+    if mine:
+        dev = device or state.device
+        pipe = load_pipeline(cfg.models, device=dev)
+        pipe.set_progress_bar_config(disable=True)
+        face = face_embedder(cfg.face_model, cfg.face_detector)
+        scorer = Scorer(cfg.metrics, device=dev, face=face)
+        loaded: dict[str, Path] = {}
+        height, width = cfg.generate_config(cfg.subjects[0]).size()
+        show = not quiet and sys.stderr.isatty() and state.is_main_process
+        for job in tqdm(mine, desc="suite", disable=not show):
+            s = job.subject
+            info = use_identity(pipe, s.identity, loaded) if s.identity else None
+            frames = generate_video(
+                pipe, job.prompt, negative_prompt=cfg.negative_prompt, seed=job.seed, frames=cfg.frames,
+                height=height, width=width, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
+            )
+            frames = to_uint8(frames)
+            tag = hashlib.sha256(job.prompt.encode()).hexdigest()[:8]  # an edited prompt list never overwrites a kept clip
+            clip = videos / s.name / f"p{job.prompt_index:03d}_{tag}_s{job.seed}.{cfg.video_format}"
+            clip.parent.mkdir(parents=True, exist_ok=True)
+            write_video(frames, clip)
+            write_sidecar(clip, run_record(cfg.generate_config(s), job.prompt, job.seed, height, width))
+            class_word = (s.class_word or info.class_word) if info else s.class_word
+            token = info.token if info else None
+            metrics = scorer.score(frames, s.references, job.prompt, token=token, class_word=class_word)
+            row = {
+                "config_id": cid, "subject": s.name, "prompt": job.prompt, "prompt_index": job.prompt_index,
+                "seed": job.seed, "class_word": class_word, "token": token, "masked": info.masked if info else None,
+                "gamma": cfg.gamma, "video": os.path.relpath(clip, results.parent), **subjects[s.name],
+                **metrics, "config": configuration,
+            }
+            append_row(out, row)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_results(results)
+    state.wait_for_everyone()
+    return SuiteRun(results, state.process_index, state.num_processes, len(mine), len(read_rows(results)))
+
+
+def suite_overrides(**kwargs) -> dict:
+    """CLI values worth passing on to `load_suite` (None and empty lists mean: keep the file's)."""
+    return {k: v for k, v in kwargs.items() if v not in (None, [], ())}
+
