@@ -59,6 +59,66 @@ def cmd_generate(args) -> None:
         print(path)
 
 
+def _v2v_settings(args) -> dict:
+    """Arguments shared by the V2V stages (v2v, face, upscale)."""
+    return dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        strength=args.strength,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        gamma=args.gamma,
+        fps=args.fps,
+        context=args.context,
+        identities=args.identity or [],
+        models=_model_spec(args),
+    )
+
+
+def cmd_v2v(args) -> None:
+    from .v2v import V2VConfig, v2v
+
+    print(v2v(V2VConfig(**_v2v_settings(args)), args.video, args.out, quiet=args.quiet, device=args.device))
+
+
+def cmd_face(args) -> None:
+    from .face import FaceConfig, face_vcd
+
+    cfg = FaceConfig(
+        **_v2v_settings(args), detector=args.detector, face_size=args.face_size, margin=args.margin,
+        feather=args.feather, smooth=args.smooth,
+    )
+    print(face_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+
+
+def cmd_upscale(args) -> None:
+    from .upscale import UpscaleConfig, tiled_vcd
+
+    cfg = UpscaleConfig(
+        **_v2v_settings(args), scale=args.scale, upscaler=args.upscaler, tile=args.tile, overlap=args.overlap,
+        tile_batch=args.tile_batch, controlnet=args.controlnet, controlnet_scale=args.controlnet_scale,
+    )
+    print(tiled_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+
+
+def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None:
+    p.add_argument("--video", required=True, help="input clip: .mp4, .gif, or a folder of image frames")
+    p.add_argument("--prompt", required=True, help="prompt; must contain the identity token when --identity is given")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--identity", action="append", help="identity .safetensors from 'magicme train'; repeat for several subjects")
+    p.add_argument("--strength", type=float, default=strength, help=f"fraction of the schedule re-run, in (0, 1] (default {strength})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25, help="steps of the full schedule; int(steps × strength) are run")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in windows)")
+    p.add_argument("--out", default=out, help=".mp4, .gif, or a folder name for PNG frames")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(p)
+
+
 def cmd_tiny_model_save(args) -> None:
     from .models import save_tiny_model
 
@@ -169,6 +229,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("v2v", help="partially denoise a clip with the identity and the noise prior (V2V VCD)")
+    _add_v2v_args(p, strength=0.5, out="magicme-v2v.mp4")
+    p.set_defaults(func=cmd_v2v)
+
+    p = sub.add_parser("face", help="re-render the faces of a clip at full resolution with the identity (Face VCD)")
+    _add_v2v_args(p, strength=0.8, out="magicme-face.mp4")
+    p.add_argument("--detector", default=None, help="OpenCV YuNet face_detection_yunet .onnx file (default: OpenCV's Haar cascade)")
+    p.add_argument("--face-size", type=int, default=None, help="side the face clip is denoised at (default: the model's, 512)")
+    p.add_argument("--margin", type=float, default=0.3, help="crop side = face side × (1 + 2·margin)")
+    p.add_argument("--feather", type=float, default=0.15, help="feathered paste edge, fraction of the crop side")
+    p.add_argument("--smooth", type=float, default=2.0, help="σ in frames of the face-box smoothing (0: none)")
+    p.set_defaults(func=cmd_face)
+
+    p = sub.add_parser("upscale", help="upscale a clip and restore detail tile by tile with the identity (Tiled VCD)")
+    _add_v2v_args(p, strength=0.2, out="magicme-upscaled.mp4")
+    p.add_argument("--scale", type=int, default=2, help="2 or 4")
+    p.add_argument("--upscaler", default=None, help="ESRGAN/Real-ESRGAN RRDBNet .pth or .safetensors (default: Lanczos)")
+    p.add_argument("--tile", type=int, default=None, help="tile side in px, multiple of 8 (default: the model's, 512)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: tile / 8)")
+    p.add_argument("--tile-batch", type=int, default=4, help="tiles denoised together (peak memory grows with it)")
+    p.add_argument("--controlnet", default=None, help="ControlNet Tile: hub id or folder (default: lllyasviel/control_v11f1e_sd15_tile)")
+    p.add_argument("--controlnet-scale", type=float, default=1.0)
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("evaluate", help="score one video: CLIP-I, DINO, CLIP-T, temporal consistency (paper §5.2)")
     p.add_argument("--video", required=True, help=".mp4/.gif or a folder of frames")

@@ -1,0 +1,301 @@
+"""V2V VCD (paper §4.3): partial denoising of an existing clip with the ID tokens and the noise prior.
+
+The clip is encoded by the VAE, noised to the start timestep of `strength` with noise drawn from the
+3D Gaussian noise prior (eq. 4), and handed as `latents=` to diffusers' `AnimateDiffVideoToVideoPipeline`
+(or its ControlNet twin), which runs the remaining steps. We never copy their loop: with γ = 0 the
+result is the stock pipeline's, bit for bit. Face VCD (`face.py`) and Tiled VCD (`upscale.py`) are
+built on `partial_denoise`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .generate import check_gamma_arg
+from .identity import check_prompt_tokens, load_identities, read_identity_info
+from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
+from .noise_prior import correlate_frames
+from .video import check_output_path, read_video, write_sidecar, write_video
+
+
+def check_strength(strength: float, name: str = "--strength") -> float:
+    """The fraction of the schedule to re-run, in (0, 1]."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1], got {strength!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {strength}")
+    return value
+
+
+def check_steps(steps: int, strength: float) -> None:
+    """Partial denoising runs int(steps × strength) steps (diffusers' rule); at least one is needed."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
+    if int(steps * strength) < 1:
+        raise ValueError(
+            f"--steps {steps} × --strength {strength} gives no denoising step; raise --steps to at least {int(np.ceil(1 / strength))}"
+        )
+
+
+def video_pipeline(pipe, controlnet=None):
+    """The video-to-video pipeline sharing `pipe`'s loaded modules (nothing loads twice)."""
+    from diffusers import AnimateDiffVideoToVideoControlNetPipeline, AnimateDiffVideoToVideoPipeline
+
+    if controlnet is None:
+        out = AnimateDiffVideoToVideoPipeline.from_pipe(pipe)
+    else:
+        controlnet = controlnet.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+        out = AnimateDiffVideoToVideoControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return out
+
+
+def start_timestep(pipe, steps: int, strength: float) -> torch.Tensor:
+    """The timestep partial denoising starts from: the one the pipeline itself picks for `strength`."""
+    device = pipe._execution_device
+    pipe.scheduler.set_timesteps(steps, device=device)
+    timesteps, _ = pipe.get_timesteps(steps, pipe.scheduler.timesteps, strength, device)
+    return timesteps[:1]
+
+
+def encode_clips(pipe, clips: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """VAE latents (B, F, C, h, w) of clips (B, F, 3, H, W) in [-1, 1], scaled as the UNet expects.
+
+    Uses the pipeline's own `encode_video` with one generator per clip, and upcasts the VAE the way the
+    stock pipeline does when its config asks (fp16 SD VAEs overflow).
+    """
+    vae = pipe.vae
+    dtype = clips.dtype
+    upcast = vae.config.force_upcast and vae.dtype != torch.float32
+    if upcast:
+        vae.to(dtype=torch.float32)
+        clips = clips.float()
+    try:
+        # cat, not stack: a contiguous result, like the stock pipeline's (the UNet's kernels follow memory layout)
+        latents = torch.cat([pipe.encode_video(clip, g).unsqueeze(0) for clip, g in zip(clips, generators)])
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+    return vae.config.scaling_factor * latents.to(dtype)
+
+
+def prior_noise(shape, gamma: float, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    """Noise of `shape` (B, F, C, h, w) with frame covariance γ^|m−n| (eq. 4), one generator per clip.
+
+    Drawn in the (B, F, …) layout the stock pipeline draws in, so γ = 0 gives its very noise.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if gamma == 0.0:
+        return randn_tensor(tuple(shape), generator=generators, device=device, dtype=dtype)
+    eps = randn_tensor(tuple(shape), generator=generators, device=device, dtype=torch.float32)
+    return correlate_frames(eps, gamma, frame_dim=1).to(dtype)
+
+
+@torch.no_grad()
+def noised_latents(pipe, clips: torch.Tensor, strength: float, steps: int, gamma: float, generators) -> torch.Tensor:
+    """x_t at the start timestep of `strength`: encoded clips plus noise-prior noise, (B, C, F, h, w)."""
+    init = encode_clips(pipe, clips, generators)
+    noise = prior_noise(init.shape, gamma, generators, init.device, init.dtype)
+    t = start_timestep(pipe, steps, strength).repeat(init.shape[0])
+    return pipe.scheduler.add_noise(init, noise, t).permute(0, 2, 1, 3, 4)
+
+
+def control_frames(clips: np.ndarray) -> list[np.ndarray]:
+    """Per-clip ControlNet conditions in the order the ControlNet video pipeline flattens them.
+
+    The pipeline takes a list of `num_frames` entries and flattens it frame-major, while its latents are
+    flattened clip-major (B, F). For B clips we hand it the clip-major sequence cut into F pieces of B,
+    so each conditioning image lands on its own clip and frame.
+    """
+    b, f = clips.shape[:2]
+    flat = clips.reshape(b * f, *clips.shape[2:])  # index = clip * F + frame
+    return list(flat.reshape(f, b, *clips.shape[2:]))
+
+
+@torch.no_grad()
+def partial_denoise(
+    pipe,
+    clips: np.ndarray,
+    prompt: str,
+    *,
+    strength: float,
+    seeds: list[int],
+    steps: int = 25,
+    guidance: float = 7.5,
+    gamma: float = 0.15,
+    negative_prompt: str = "",
+    controlnet_scale: float = 1.0,
+) -> np.ndarray:
+    """Re-run the last `strength` of the schedule on clips (B, F, H, W, 3) in [0, 1]; same shape back.
+
+    `pipe` is a video-to-video pipeline (`video_pipeline`); with a ControlNet, each clip conditions
+    itself (ControlNet Tile). Each clip gets its own generator from `seeds`, so a clip's result does not
+    depend on which others share its batch. H and W must be multiples of 8.
+    """
+    clips = np.asarray(clips, dtype=np.float32)
+    assert clips.ndim == 5 and clips.shape[-1] == 3 and len(seeds) == clips.shape[0], clips.shape
+    b, f, h, w, _ = clips.shape
+    device = pipe._execution_device
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    video = pipe.video_processor.preprocess_video(clips, height=h, width=w)  # (B, 3, F, H, W) in [-1, 1]
+    video = video.permute(0, 2, 1, 3, 4).to(device=device, dtype=pipe.unet.dtype)
+    latents = noised_latents(pipe, video, strength, steps, gamma, generators)
+    kwargs = {}
+    if hasattr(pipe, "controlnet"):
+        kwargs = dict(conditioning_frames=control_frames(clips), controlnet_conditioning_scale=controlnet_scale)
+    out = pipe(
+        prompt=[prompt] * b,
+        negative_prompt=[negative_prompt] * b if negative_prompt else None,
+        height=h,
+        width=w,
+        num_inference_steps=steps,
+        strength=strength,
+        guidance_scale=guidance,
+        generator=generators,
+        latents=latents,
+        output_type="np",
+        **kwargs,
+    )
+    return np.asarray(out.frames, dtype=np.float32)
+
+
+def partial_denoise_windows(pipe, clips: np.ndarray, prompt: str, *, context: int, seeds: list[int], **kwargs) -> np.ndarray:
+    """`partial_denoise` over consecutive windows of `context` frames (the motion module sees at most that many).
+
+    Window w of clip i is seeded with seeds[i] + w·context, so each window's noise is its own.
+    """
+    frames = clips.shape[1]
+    parts = [
+        partial_denoise(pipe, clips[:, s : s + context], prompt, seeds=[seed + s for seed in seeds], **kwargs)
+        for s in range(0, frames, context)
+    ]
+    return np.concatenate(parts, axis=1)
+
+
+def check_context(context: int) -> None:
+    if not isinstance(context, int) or context < 1:
+        raise ValueError(f"--context must be an integer >= 1, got {context!r}")
+
+
+@dataclass
+class V2VConfig:
+    """One V2V VCD request: partially denoise a clip with the identity (paper §4.3)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    strength: float = 0.5  # fraction of the schedule re-run; Face VCD uses 0.8, Tiled VCD 0.2 (§5.2)
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    gamma: float = 0.15  # §5.2
+    fps: int = 8
+    context: int = 16  # frames denoised together (AnimateDiff's context length)
+    identities: list[str] = field(default_factory=list)  # identity .safetensors files (§4.2)
+    models: ModelSpec = field(default_factory=ModelSpec)
+
+    def check(self) -> None:
+        """Validate every argument before any model work (ValueError naming the argument)."""
+        check_common(self)
+        check_context(self.context)
+
+
+def check_common(cfg) -> None:
+    """Checks shared by the V2V, Face and Tiled VCD configs."""
+    if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
+        raise ValueError("--prompt must be a non-empty string")
+    check_strength(cfg.strength)
+    check_steps(cfg.steps, cfg.strength)
+    check_gamma_arg(cfg.gamma)
+    if not isinstance(cfg.fps, int) or cfg.fps < 1:
+        raise ValueError(f"--fps must be an integer >= 1, got {cfg.fps!r}")
+    if not cfg.guidance >= 0:
+        raise ValueError(f"--guidance must be >= 0, got {cfg.guidance!r}")
+    cfg.models.check()
+    check_prompt_tokens([cfg.prompt], [read_identity_info(p) for p in cfg.identities])
+
+
+def model_size(spec: ModelSpec) -> int:
+    """The base model's native side in pixels (512 for SD-1.5, 64 for the tiny preset)."""
+    return TinyPreset().resolution if spec.base == TINY else 512
+
+
+def read_input_video(path: str | Path) -> np.ndarray:
+    """The input clip as (F, H, W, 3) uint8, with errors naming --video."""
+    try:
+        return read_video(path)
+    except (ValueError, FileNotFoundError) as e:
+        # ffmpeg's errors span many lines; keep the first and the last (the actual reason) on one line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = lines[0] if len(lines) < 2 else f"{lines[0]} … {lines[-1]}"
+        raise type(e)(f"--video: {message}") from None
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int, interpolation: str = "lanczos") -> np.ndarray:
+    """Resize (F, H, W, 3) float frames; Lanczos up, area down unless told otherwise."""
+    import cv2
+
+    if frames.shape[1:3] == (height, width):
+        return frames
+    flag = {"lanczos": cv2.INTER_LANCZOS4, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}[interpolation]
+    if interpolation == "lanczos" and height * width < frames.shape[1] * frames.shape[2]:
+        flag = cv2.INTER_AREA  # Lanczos aliases when shrinking
+    out = np.stack([cv2.resize(f, (width, height), interpolation=flag) for f in frames])
+    return np.clip(out, 0.0, 1.0)
+
+
+def load_stage_pipeline(models: ModelSpec, identities: list[str], device: str | None, quiet: bool, pipe=None):
+    """The base pipeline (loaded once) with the identities in it, and a progress-bar setting."""
+    if pipe is None:
+        pipe = load_pipeline(models, device=device)
+    load_identities(pipe, identities)
+    pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
+    return pipe
+
+
+def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet: bool = False, device: str | None = None) -> Path:
+    """Partially denoise the clip at `video` with `cfg`; write it to `out` with its run record; return `out`.
+
+    The clip is denoised at its own size rounded down to a multiple of 8 and resized back, so the
+    output has the input's frame count and size.
+    """
+    cfg.check()
+    out = check_output_path(out)
+    frames = read_input_video(video)
+    f, h, w, _ = frames.shape
+    if h < 8 or w < 8:
+        raise ValueError(f"--video frames must be at least 8×8 pixels, got {w}×{h}")
+    pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
+    v2v_pipe = video_pipeline(pipe)
+    h8, w8 = h // 8 * 8, w // 8 * 8
+    clip = resize_frames(frames.astype(np.float32) / 255.0, h8, w8)
+    result = partial_denoise_windows(
+        v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
+        guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt,
+    )[0]
+    write_video(resize_frames(result, h, w), out, fps=cfg.fps)
+    write_sidecar(out, stage_record("v2v", cfg, video, frames.shape))
+    return out
+
+
+def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> dict:
+    """The run record of a V2V stage: its settings, input, models and identities."""
+    spec = cfg.models
+    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
+    if spec.base != TINY:
+        models["motion_adapter"] = fingerprint(spec.adapter_name())
+        if spec.adapter_weights():
+            models["motion_adapter"]["weights"] = spec.adapter_weights()
+        if spec.base_config:
+            models["base_config"] = spec.base_config
+    models["identities"] = [{**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities]
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("models", "identities")}
+    source = {"path": str(Path(video).resolve()), "frames": shape[0], "height": shape[1], "width": shape[2]}
+    return {"task": task, "input": source, "models": models, **settings, **extra}

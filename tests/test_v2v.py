@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magicme.cli import main
+from magicme.identity import IdentityInfo, save_identity
+from magicme.upscale import tiny_controlnet
+from magicme.v2v import control_frames, partial_denoise, partial_denoise_windows, prior_noise, start_timestep, video_pipeline
+from magicme.video import read_sidecar, read_video, write_video
+
+
+@pytest.fixture(scope="module")
+def v2v_pipe(tiny_pipe):
+    return video_pipeline(tiny_pipe)
+
+
+def _clip(n=4, h=64, w=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_gamma_zero_equals_stock_video_to_video_bit_for_bit(v2v_pipe):
+    clip = _clip()
+    stock = v2v_pipe(
+        video=[Image.fromarray(f) for f in clip], prompt="a dog", strength=0.5, num_inference_steps=4,
+        generator=torch.Generator().manual_seed(3), output_type="np",
+    ).frames[0]
+    ours = partial_denoise(v2v_pipe, clip[None].astype(np.float32) / 255, "a dog", strength=0.5, seeds=[3], steps=4, gamma=0.0)
+    assert np.array_equal(ours[0], stock)
+    correlated = partial_denoise(v2v_pipe, clip[None].astype(np.float32) / 255, "a dog", strength=0.5, seeds=[3], steps=4, gamma=0.5)
+    assert np.abs(correlated[0] - stock).max() > 1e-2
+
+
+def test_windows_are_independent_partial_denoises(v2v_pipe):
+    clips = np.random.default_rng(1).random((1, 5, 64, 64, 3), dtype=np.float32)
+    kw = dict(strength=0.5, steps=2, gamma=0.2)
+    whole = partial_denoise_windows(v2v_pipe, clips, "a dog", context=5, seeds=[4], **kw)
+    assert np.array_equal(whole, partial_denoise(v2v_pipe, clips, "a dog", seeds=[4], **kw))
+    windows = partial_denoise_windows(v2v_pipe, clips, "a dog", context=3, seeds=[4], **kw)
+    assert windows.shape == clips.shape
+    np.testing.assert_allclose(windows[:, 3:], partial_denoise(v2v_pipe, clips[:, 3:], "a dog", seeds=[7], **kw), atol=1e-6)
+
+
+def test_prior_noise_has_the_frame_covariance():
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    noise = prior_noise((2, 6, 4, 32, 32), 0.6, gens, "cpu", torch.float32)  # (B, F, C, h, w)
+    x = noise.transpose(0, 1).reshape(6, -1)
+    cov = (x @ x.T / x.shape[1]).numpy()
+    expected = 0.6 ** np.abs(np.subtract.outer(np.arange(6), np.arange(6)))
+    np.testing.assert_allclose(cov, expected, atol=0.03)
+    again = prior_noise((1, 6, 4, 32, 32), 0.6, [torch.Generator().manual_seed(1)], "cpu", torch.float32)
+    assert torch.equal(again[0], noise[1])  # each clip's noise comes from its own generator
+
+
+def test_start_timestep_follows_strength(v2v_pipe):
+    v2v_pipe.scheduler.set_timesteps(10)
+    full = v2v_pipe.scheduler.timesteps
+    assert start_timestep(v2v_pipe, 10, 1.0).item() == full[0].item()
+    assert start_timestep(v2v_pipe, 10, 0.2).item() == full[8].item()  # int(10 × 0.2) = 2 steps left
+
+
+def test_control_frames_land_on_their_clip_and_frame(tiny_pipe):
+    """The ControlNet pipeline flattens conditions frame-major; ours must come out clip-major (B·F)."""
+    pipe = video_pipeline(tiny_pipe, tiny_controlnet())
+    b, f = 3, 4
+    clips = np.zeros((b, f, 16, 16, 3), np.float32)
+    for i in range(b):
+        for j in range(f):
+            clips[i, j] = (i * f + j) / 100
+    prepared = pipe.prepare_conditioning_frames(
+        control_frames(clips), width=16, height=16, batch_size=b * f, num_videos_per_prompt=1,
+        device="cpu", dtype=torch.float32,
+    )
+    assert prepared.shape == (b * f, 3, 16, 16)
+    np.testing.assert_allclose(prepared[:, 0, 0, 0].numpy(), np.arange(b * f) / 100, atol=1e-6)
+
+
+def _identity(path):
+    return save_identity(path, torch.randn(2, 32), IdentityInfo(token="<v*>", class_word="person", num_vectors=2, hidden_size=32))
+
+
+def test_v2v_cli_end_to_end(tmp_path, capsys):
+    video = write_video(_clip(3, 44, 52), tmp_path / "in")  # not a multiple of 8: denoised at 40×48, resized back
+    ident = _identity(tmp_path / "id.safetensors")
+    out = tmp_path / "out.mp4"
+    args = ["v2v", "--video", str(video), "--identity", str(ident), "--prompt", "a <v*> person", "--strength", "0.5",
+            "--steps", "4", "--seed", "2", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert str(out) in capsys.readouterr().out
+    assert read_video(out).shape == (3, 44, 52, 3)
+    rec = read_sidecar(out)
+    assert rec["task"] == "v2v" and rec["strength"] == 0.5 and rec["seed"] == 2 and rec["input"]["frames"] == 3
+    assert rec["models"]["identities"][0]["token"] == "<v*>"
+
+
+def _mixed_sizes(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(_clip(1, 32, 32)[0]).save(folder / "0.png")
+    Image.fromarray(_clip(1, 40, 32)[0]).save(folder / "1.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make, extra, needle",
+    [
+        (lambda p: p / "missing.mp4", [], "--video"),
+        (lambda p: (p / "bad.mp4").write_bytes(b"not a video") and p / "bad.mp4", [], "--video"),
+        (_mixed_sizes, [], "mixed sizes"),
+        (None, ["--strength", "1.5"], "--strength"),
+        (None, ["--strength", "0"], "--strength"),
+        (None, ["--gamma", "1"], "--gamma"),
+        (None, ["--identity", "ID"], "--prompt"),  # the prompt lacks the identity token
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, make, extra, needle):
+    video = make(tmp_path) if make else write_video(_clip(2, 32, 32), tmp_path / "in.gif")
+    extra = [str(_identity(tmp_path / "id.safetensors")) if a == "ID" else a for a in extra]
+    before = set(tmp_path.rglob("*"))
+    code = main(["v2v", "--video", str(video), "--prompt", "a dog", "--steps", "4", "--out", str(tmp_path / "o.gif"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0]
+    assert set(tmp_path.rglob("*")) == before
