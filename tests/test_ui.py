@@ -218,6 +218,37 @@ def test_evaluate_handler_scores_like_evaluate_video_and_keeps_the_scores(ws, tm
     assert ws._scorers[MetricModels(clip=metric.clip, dino=metric.dino)] is scorer
 
 
+def test_upscale_and_face_vcd_handlers_write_new_videos_with_their_settings(ws, tmp_path):
+    idname = ws.import_identity(str(identity_file(tmp_path / "r.safetensors", token="<rf>", seed=7)))
+    *_, (_, source, settings) = ui.on_generate(ws, TINY_MODEL, "a <rf> dog", "", [idname], 0.15, 3, 1, 0, 7.5, 8)
+    name = settings["output"]
+    assert ui.refine_defaults(ws, name) == ("a <rf> dog", [idname])
+    outs = list(ui.on_refine(ws, TINY_MODEL, "upscale", name, "a <rf> dog", [idname], "", 5, 1, 2))
+    status, video, up = outs[-1]
+    assert status.startswith("Done") and any(o[0] == "Tiled VCD: denoising step 1" for o in outs)
+    assert read_video(video).shape == (3, 128, 128, 3)
+    assert (up["task"], up["strength"], up["scale"]) == ("upscale", 0.2, 2)  # §5.2's 20 % by default
+    assert up["input"]["path"] == str(ws.video_path(name))
+    # no face in tiny noise: Face VCD keeps the clip and says so
+    *_, (status, video, face) = ui.on_refine(ws, TINY_MODEL, "face", name, "a <rf> dog", [idname], "", 2, 0)
+    assert "no face found" in status and face["strength"] == 0.8
+    assert np.abs(read_video(video).astype(int) - read_video(source).astype(int)).mean() < 4  # only one more lossy H.264 pass
+    # with a face: only the face square changes, and cancelling stops it with nothing written
+    from magicme.face import FaceConfig
+
+    cfg = FaceConfig(prompt="a <rf> dog", steps=4, identities=[idname], models=ModelSpec())
+    new = ws.refine("face", name, cfg, detector=lambda frame: [(16, 16, 24, 24)])
+    before, after = read_video(source).astype(int), read_video(ws.video_path(new)).astype(int)
+    assert ws.video_settings(new)["faces"] == 1
+    assert np.abs(after - before)[:, 20:36, 20:36].mean() > 4 * np.abs(after - before)[:, :4, :4].mean()
+    count = len(ws.videos())
+    with pytest.raises(Cancelled):
+        ws.refine("face", name, cfg, report=lambda p: ws.cancel(), detector=lambda frame: [(16, 16, 24, 24)])
+    assert len(ws.videos()) == count
+    with pytest.raises(ValueError, match="stage"):
+        ws.refine("v2v", name, cfg)
+
+
 def test_pipeline_loaded_once_per_spec_and_reloaded_for_a_retrained_token(ws, tmp_path):
     spec = ModelSpec()
     pipe = ws.pipeline(spec)

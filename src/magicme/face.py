@@ -272,10 +272,12 @@ def face_vcd(
     detector: Detector | None = None,
     quiet: bool = False,
     device: str | None = None,
+    step_callback=None,
 ) -> Path:
     """Face VCD on the clip at `video`; write `out` and its run record; return `out`.
 
     Faces are found before any model loads; a clip with no face is written unchanged, with a warning.
+    `step_callback` is passed to every denoising call as `callback_on_step_end`.
     """
     cfg.check()
     out = check_output_path(out)
@@ -298,7 +300,7 @@ def face_vcd(
         return partial_denoise_windows(
             v2v_pipe, clip[None], cfg.prompt, context=cfg.context, seeds=[cfg.seed + 100_003 * track],
             strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
-            negative_prompt=cfg.negative_prompt,
+            negative_prompt=cfg.negative_prompt, step_callback=step_callback,
         )[0]
 
     result = restore_faces(

@@ -151,6 +151,63 @@ def on_pick_video(ws: Workspace, name: str | None) -> tuple[str | None, dict | N
     return str(ws.video_path(name)), ws.video_settings(name), ws.metrics(name)
 
 
+def refine_defaults(ws: Workspace, name: str | None) -> tuple[str, list[str]]:
+    """The prompt and identity names to refine a video with: the ones it was made with."""
+    if not name:
+        return "", []
+    settings = ws.video_settings(name)
+    return video_prompt(settings), ws.identity_names(settings)
+
+
+def on_refine(
+    ws: Workspace,
+    model: tuple[str, ...],
+    stage: str,
+    video: str | None,
+    prompt: str,
+    identities: list[str] | None,
+    strength,
+    steps,
+    seed,
+    scale=2,
+    detector=None,
+) -> Iterator[tuple[str, str | None, dict | None]]:
+    """Face VCD or Tiled VCD (upscale) on a stored video (paper §4.3); yield (status, new video, its settings).
+
+    A blank strength takes the stage's paper default (0.8 face, 0.2 upscale, §5.2).
+    """
+    from .face import FaceConfig
+    from .upscale import UpscaleConfig
+
+    if not video:
+        raise ValueError("video: pick a video to refine")
+    common = dict(
+        prompt=(prompt or "").strip(),
+        seed=_int(seed, "seed"),
+        steps=_int(steps, "steps"),
+        identities=list(identities or []),
+        models=model_spec(*model),
+    )
+    if strength not in (None, ""):
+        common["strength"] = float(strength)
+    if stage == "face":
+        cfg = FaceConfig(**common)
+    else:
+        cfg = UpscaleConfig(**common, scale=_int(scale, "scale"))
+    label = "Face VCD" if stage == "face" else "Tiled VCD"
+    yield f"{label}: loading the model…", None, None
+    try:
+        for kind, value in stream(lambda report: ws.refine(stage, video, cfg, report, detector=detector)):
+            if kind == "progress":
+                yield f"{label}: denoising step {value['step']}", None, None
+            else:
+                settings = ws.video_settings(value)
+                note = " (no face found: the clip is unchanged)" if stage == "face" and not settings.get("faces") else ""
+                yield f"Done: {value}{note}", str(ws.video_path(value)), settings
+    except Cancelled:
+        yield "Cancelled; nothing was written.", None, None
+
+
 def on_evaluate(ws: Workspace, video: str | None, reference_set: str | None, clip_model: str, dino_model: str) -> Iterator[tuple[str, dict | None]]:
     """Score a stored video against a reference set (paper §5.2); yield (status, scores or None)."""
     from .evaluate import MetricModels
@@ -318,6 +375,24 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                     with gr.Column():
                         lib_video = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, elem_id="lib_video")
                         lib_settings = gr.JSON(label="Settings (run record)", elem_id="lib_settings")
+                with gr.Accordion("Refine (paper §4.3): Face VCD and Tiled VCD upscaling of the selected video", open=True):
+                    with gr.Row():
+                        with gr.Column():
+                            refine_prompt = gr.Textbox(label="Prompt (from the video)", lines=2, elem_id="refine_prompt")
+                            refine_ids = gr.Dropdown(ws.identities(), multiselect=True, label="Identities", elem_id="refine_identities")
+                            with gr.Row():
+                                refine_strength = gr.Number(None, label="Strength (blank: 0.8 face, 0.2 upscale)", minimum=0, maximum=1)
+                                refine_steps = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="refine_steps")
+                                refine_seed = gr.Number(0, label="Seed", precision=0)
+                                refine_scale = gr.Dropdown([2, 4], value=2, label="Upscale ×")
+                            with gr.Row():
+                                face_btn = gr.Button("Face VCD", variant="primary", elem_id="face_vcd")
+                                upscale_btn = gr.Button("Upscale (Tiled VCD)", variant="primary", elem_id="upscale")
+                                cancel_refine = gr.Button("Cancel", variant="stop", elem_id="cancel_refine")
+                        with gr.Column():
+                            refine_status = gr.Markdown(elem_id="refine_status")
+                            refine_video = gr.Video(label="Refined video", interactive=False, buttons=["download"], loop=True, elem_id="refine_video")
+                            refine_settings = gr.JSON(label="Settings (run record)", elem_id="refine_settings")
                 with gr.Accordion("Metrics (paper §5.2): CLIP-I, DINO, CLIP-T, temporal consistency", open=True):
                     gr.Markdown("Scores the selected video against a reference set. Metric models: hub ids or local folders "
                                 "(offline, use folders saved with `save_pretrained`).")
@@ -340,7 +415,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             lambda: sets_update(), None, eval_set)
         ref_set.input(guarded(lambda n: on_pick_set(ws, n)), ref_set, [ref_images, class_word])
         import_btn.click(guarded(lambda f: on_import_identity(ws, f)[1]), id_file, import_status).then(
-            lambda: identities_update(), None, identities)
+            lambda: (identities_update(), identities_update()), None, [identities, refine_ids])
 
         # generate
         gen_event = gen_btn.click(
@@ -353,18 +428,29 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         cancel_gen.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, gen_status)
 
         # videos
-        video_pick.input(guarded(lambda n: on_pick_video(ws, n)), video_pick, [lib_video, lib_settings, lib_metrics])
+        def pick(name):
+            return (*on_pick_video(ws, name), *refine_defaults(ws, name))
+
+        picked = [lib_video, lib_settings, lib_metrics, refine_prompt, refine_ids]
+        video_pick.input(guarded(pick), video_pick, picked)
+        refine_inputs = [*model, video_pick, refine_prompt, refine_ids, refine_strength, refine_steps, refine_seed, refine_scale]
+        for stage, btn in (("face", face_btn), ("upscale", upscale_btn)):
+            btn.click(
+                guarded_stream(lambda *a, stage=stage: on_refine(ws, a[:5], stage, *a[5:])),
+                refine_inputs, [refine_status, refine_video, refine_settings],
+            ).then(lambda: videos_update(), None, [video_pick, library])
+        cancel_refine.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, refine_status)
         eval_btn.click(guarded_stream(lambda *a: on_evaluate(ws, *a)), [video_pick, eval_set, clip_model, dino_model], [eval_status, lib_metrics])
         cancel_eval.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, eval_status)
         refresh.click(lambda: videos_update(), None, [video_pick, library])
 
         def pick_from_gallery(evt: gr.SelectData):
             name = (evt.value or {}).get("caption") if isinstance(evt.value, dict) else None
-            return gr.update(value=name), *on_pick_video(ws, name)
+            return gr.update(value=name), *pick(name)
 
-        library.select(pick_from_gallery, None, [video_pick, lib_video, lib_settings, lib_metrics])
-        app.load(lambda: (sets_update(), sets_update(), identities_update(), *videos_update()), None,
-                 [ref_set, eval_set, identities, video_pick, library])
+        library.select(pick_from_gallery, None, [video_pick, *picked])
+        app.load(lambda: (sets_update(), sets_update(), identities_update(), identities_update(), *videos_update()), None,
+                 [ref_set, eval_set, identities, refine_ids, video_pick, library])
 
     app.magicme_workspace = ws
     return app

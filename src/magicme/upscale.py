@@ -224,9 +224,13 @@ def tile_seeds(seed: int, start: int, count: int) -> list[int]:
 
 
 def tiled_vcd(
-    cfg: UpscaleConfig, video: str | Path, out: str | Path, *, pipe=None, quiet: bool = False, device: str | None = None
+    cfg: UpscaleConfig, video: str | Path, out: str | Path, *, pipe=None, quiet: bool = False, device: str | None = None,
+    step_callback=None,
 ) -> Path:
-    """Upscale the clip at `video` and restore it tile by tile (Tiled VCD); write `out` and its run record."""
+    """Upscale the clip at `video` and restore it tile by tile (Tiled VCD); write `out` and its run record.
+
+    `step_callback` is passed to every denoising call as `callback_on_step_end`.
+    """
     cfg.check()
     out = check_output_path(out)
     frames = read_input_video(video)
@@ -250,6 +254,7 @@ def tiled_vcd(
         return partial_denoise_windows(
             tile_pipe, clips, cfg.prompt, context=cfg.context, seeds=seeds, strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance,
             gamma=cfg.gamma, negative_prompt=cfg.negative_prompt, controlnet_scale=cfg.controlnet_scale,
+            step_callback=step_callback,
         )
 
     result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch)

@@ -133,8 +133,11 @@ def partial_denoise(
     gamma: float = 0.15,
     negative_prompt: str = "",
     controlnet_scale: float = 1.0,
+    step_callback=None,
 ) -> np.ndarray:
     """Re-run the last `strength` of the schedule on clips (B, F, H, W, 3) in [0, 1]; same shape back.
+
+    `step_callback` is the pipeline's `callback_on_step_end` (progress, or raise to stop).
 
     `pipe` is a video-to-video pipeline (`video_pipeline`); with a ControlNet, each clip conditions
     itself (ControlNet Tile). Each clip gets its own generator from `seeds`, so a clip's result does not
@@ -148,9 +151,9 @@ def partial_denoise(
     video = pipe.video_processor.preprocess_video(clips, height=h, width=w)  # (B, 3, F, H, W) in [-1, 1]
     video = video.permute(0, 2, 1, 3, 4).to(device=device, dtype=pipe.unet.dtype)
     latents = noised_latents(pipe, video, strength, steps, gamma, generators)
-    kwargs = {}
+    kwargs = {"callback_on_step_end": step_callback} if step_callback else {}
     if hasattr(pipe, "controlnet"):
-        kwargs = dict(conditioning_frames=control_frames(clips), controlnet_conditioning_scale=controlnet_scale)
+        kwargs |= dict(conditioning_frames=control_frames(clips), controlnet_conditioning_scale=controlnet_scale)
     out = pipe(
         prompt=[prompt] * b,
         negative_prompt=[negative_prompt] * b if negative_prompt else None,

@@ -327,6 +327,52 @@ class Workspace:
 
         return self.run_job(work)
 
+    def refine(self, stage: str, video: str, cfg, report: Callable[[dict], None] = lambda _: None, detector=None) -> str:
+        """Run Face VCD (stage "face") or Tiled VCD ("upscale", paper §4.3) on a stored video; return the new video's name.
+
+        `cfg` is a `FaceConfig`/`UpscaleConfig` with identities given by name; `report` gets {"step"}
+        after each denoising step (the count depends on faces and tiles found). `detector` overrides
+        Face VCD's face detector (a callable, see face.py).
+        """
+        from .face import FaceConfig, face_vcd
+        from .upscale import UpscaleConfig, tiled_vcd
+
+        wanted = {"face": FaceConfig, "upscale": UpscaleConfig}.get(stage)
+        if wanted is None or not isinstance(cfg, wanted):
+            raise ValueError(f"stage must be 'face' with a FaceConfig or 'upscale' with an UpscaleConfig, got {stage!r}")
+        source = self.video_path(video)
+        cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
+        cfg.check()
+        path = self.root / VIDEOS / f"{new_name('vid-')}.mp4"
+
+        def work(check: Callable[[], None]) -> str:
+            pipe = self.pipeline(cfg.models, [Path(p) for p in cfg.identities])
+            done = [0]
+
+            def on_step(pipe_, step, timestep, kwargs):
+                done[0] += 1
+                report({"step": done[0]})
+                check()
+                return kwargs
+
+            if stage == "face":
+                face_vcd(cfg, source, path, pipe=pipe, detector=detector, quiet=True, step_callback=on_step)
+            else:
+                tiled_vcd(cfg, source, path, pipe=pipe, quiet=True, step_callback=on_step)
+            return path.name
+
+        return self.run_job(work)
+
+    def identity_names(self, settings: dict) -> list[str]:
+        """The names (in this work directory) of the identities a video's run record used."""
+        folder = self.root / IDENTITIES
+        out = []
+        for ident in settings.get("models", {}).get("identities", []):
+            path = Path(ident.get("name", ""))
+            if path.parent == folder and path.is_file():
+                out.append(path.name)
+        return out
+
     def evaluate(self, video: str, reference_set: str, metric_models, report: Callable[[dict], None] = lambda _: None) -> dict:
         """Score a stored video against a stored reference set with the paper's metrics (§5.2); keep the scores.
 
