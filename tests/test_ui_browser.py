@@ -108,7 +108,7 @@ def test_import_identity_generate_and_play(page, server, tmp_path):
     page.locator("#identities input").click()
     page.get_by_role("option", name="<v*> (dog)", exact=False).click()
     page.locator("#frames input").fill("4")
-    page.locator("#steps input").fill("3")
+    page.locator("#steps textarea").fill("3")
     page.locator("#seed input").fill("5")
     page.locator("#generate").click()
     page.locator("#gen_status").get_by_text("Done").wait_for()
@@ -120,6 +120,7 @@ def test_import_identity_generate_and_play(page, server, tmp_path):
     (name,) = ws.videos()
     settings = ws.video_settings(name)
     assert (settings["seed"], settings["frames"], settings["steps"]) == (5, 4, 3)
+    assert (settings["guidance"], settings["free_init"], settings["context_length"]) == (7.5, None, None)  # blank fields
     assert settings["models"]["identities"][0]["token"] == "<v*>"
     assert page.locator("#gen_settings").get_by_text("a <v*> dog on the beach").count() >= 1
     shot(page, "ui_generate.png")
@@ -150,13 +151,27 @@ def test_score_the_video(page, server, tmp_path):
     shot(page, "ui_videos.png")
 
 
+def test_upscale_the_video(page, server):
+    _, ws = server
+    (name,) = ws.videos()
+    assert page.locator("#refine_prompt textarea").input_value() == "a <v*> dog on the beach"  # from the picked video
+    page.locator("#refine_steps input").fill("5")
+    page.locator("#upscale").click()
+    page.locator("#refine_status").get_by_text("Done").wait_for()
+    page.wait_for_function("() => { const v = document.querySelector('#refine_video video'); return v && v.readyState >= 1; }")
+    assert page.locator("#refine_video video").evaluate("v => v.error === null && v.videoWidth === 128")
+    new = ws.videos()[0]
+    assert new != name and ws.video_settings(new)["task"] == "upscale"
+    shot(page, "ui_refine.png")
+
+
 def test_cancel_stops_a_running_generation(page, server):
     _, ws = server
     before = ws.videos()
     page.get_by_role("tab", name="2 · Generate").click()
     page.locator("#prompt textarea").fill("a <v*> dog")  # the identity picked above stays picked
     page.locator("#frames input").fill("2")
-    page.locator("#steps input").fill("900")
+    page.locator("#steps textarea").fill("900")
     page.locator("#generate").click()
     try:
         page.locator("#gen_status").get_by_text("Denoising: step").wait_for(timeout=30_000)

@@ -47,7 +47,7 @@ def model_spec(base: str, motion_adapter: str, base_config: str, scheduler: str,
 
 def _int(value, name: str, optional: bool = False) -> int | None:
     """A whole number from a form field; blank is None where `optional`."""
-    if optional and (value is None or value == ""):
+    if optional and (value is None or str(value).strip() == ""):
         return None
     try:
         number = float(value)
@@ -56,6 +56,16 @@ def _int(value, name: str, optional: bool = False) -> int | None:
     if number != number or number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     return int(number)
+
+
+def _float(value, name: str, optional: bool = False) -> float | None:
+    """A number from a form field; blank is None where `optional`."""
+    if optional and (value is None or str(value).strip() == ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 def _prompt_travel(text: str) -> dict[int, str]:
@@ -121,7 +131,7 @@ def on_generate(
         seeds=[_int(seed, "seed")],
         frames=_int(frames, "frames"),
         steps=_int(steps, "steps", optional=True),
-        guidance=None if guidance in (None, "") else float(guidance),
+        guidance=_float(guidance, "guidance", optional=True),
         gamma=float(gamma),
         fps=_int(fps, "fps"),
         identities=list(identities or []),
@@ -188,8 +198,8 @@ def on_refine(
         identities=list(identities or []),
         models=model_spec(*model),
     )
-    if strength not in (None, ""):
-        common["strength"] = float(strength)
+    if _float(strength, "strength", optional=True) is not None:
+        common["strength"] = _float(strength, "strength")
     if stage == "face":
         cfg = FaceConfig(**common)
     else:
@@ -345,19 +355,19 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                         gamma = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, label="γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)", elem_id="gamma")
                         with gr.Row():
                             frames = gr.Number(d["frames"], label="Frames (over 16: FreeNoise windows)", precision=0, minimum=1, elem_id="frames")
-                            steps = gr.Number(d["steps"], label="Steps (blank: the preset's)", precision=0, minimum=1, elem_id="steps")
+                            steps = gr.Textbox("", label="Steps", placeholder="the preset's (25 full)", elem_id="steps")
                             seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                         with gr.Row():
-                            guidance = gr.Number(d["guidance"], label="Guidance (blank: the preset's)", minimum=0)
+                            guidance = gr.Textbox("", label="Guidance", placeholder="the preset's (7.5 full)", elem_id="guidance")
                             fps = gr.Number(d["fps"], label="FPS", precision=0, minimum=1)
                         with gr.Accordion("Long video and prompt travel", open=False):
                             travel = gr.Textbox(label="Prompt travel: one 'FRAME: prompt' per line", lines=3,
                                                 placeholder="0: a <v*> dog walks\n24: a <v*> dog runs", elem_id="travel")
                             with gr.Row():
-                                context_length = gr.Number(d["context_length"], label="Window frames (blank: 16)", precision=0, minimum=1)
+                                context_length = gr.Textbox("", label="Window frames", placeholder="16")
                                 context_stride = gr.Number(d["context_stride"], label="Window stride", precision=0, minimum=1)
                                 weighting = gr.Dropdown(list(WEIGHTING_SCHEMES), value=d["window_weighting"], label="Window blend")
-                                free_init = gr.Number(d["free_init"], label="FreeInit iterations (blank: off)", precision=0, minimum=1)
+                                free_init = gr.Textbox("", label="FreeInit iterations", placeholder="off")
                         with gr.Row():
                             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                             cancel_gen = gr.Button("Cancel", variant="stop", elem_id="cancel_generate")
@@ -381,7 +391,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                             refine_prompt = gr.Textbox(label="Prompt (from the video)", lines=2, elem_id="refine_prompt")
                             refine_ids = gr.Dropdown(ws.identities(), multiselect=True, label="Identities", elem_id="refine_identities")
                             with gr.Row():
-                                refine_strength = gr.Number(None, label="Strength (blank: 0.8 face, 0.2 upscale)", minimum=0, maximum=1)
+                                refine_strength = gr.Textbox("", label="Strength", placeholder="0.8 face, 0.2 upscale (§5.2)", elem_id="refine_strength")
                                 refine_steps = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="refine_steps")
                                 refine_seed = gr.Number(0, label="Seed", precision=0)
                                 refine_scale = gr.Dropdown([2, 4], value=2, label="Upscale ×")
@@ -424,7 +434,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
              travel, context_length, context_stride, weighting, free_init],
             [gen_status, gen_video, gen_settings],
         )
-        gen_event.then(lambda: videos_update(), None, [video_pick, library])
+        gen_event.then(lambda current: videos_update(current), video_pick, [video_pick, library])
         cancel_gen.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, gen_status)
 
         # videos
@@ -438,11 +448,11 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             btn.click(
                 guarded_stream(lambda *a, stage=stage: on_refine(ws, a[:5], stage, *a[5:])),
                 refine_inputs, [refine_status, refine_video, refine_settings],
-            ).then(lambda: videos_update(), None, [video_pick, library])
+            ).then(lambda current: videos_update(current), video_pick, [video_pick, library])
         cancel_refine.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, refine_status)
         eval_btn.click(guarded_stream(lambda *a: on_evaluate(ws, *a)), [video_pick, eval_set, clip_model, dino_model], [eval_status, lib_metrics])
         cancel_eval.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, eval_status)
-        refresh.click(lambda: videos_update(), None, [video_pick, library])
+        refresh.click(lambda current: videos_update(current), video_pick, [video_pick, library])
 
         def pick_from_gallery(evt: gr.SelectData):
             name = (evt.value or {}).get("caption") if isinstance(evt.value, dict) else None
