@@ -157,7 +157,8 @@ class IdTokens:
     def __init__(self, tokenizer, text_encoder, token: str, num_vectors: int, class_word: str):
         vocab = tokenizer.get_vocab()
         self.tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-        taken = [t for t in self.tokens if t in vocab]
+        # a word of the vocabulary (CLIP stores whole words with "</w>") would be shadowed in every prompt
+        taken = [t for t in self.tokens if t in vocab or f"{t}</w>" in vocab]
         if taken:
             raise ValueError(f"--token {token!r}: {taken[0]!r} is already in the base model's vocabulary; choose another, e.g. '<{class_word[:3]}*>'")
         class_ids = tokenizer(class_word, add_special_tokens=False).input_ids
@@ -402,7 +403,8 @@ class IdTrainer:
             raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
         record = json.loads(record_path.read_text())
         saved = IdentityInfo.from_metadata(record["identity"], record_path)
-        check_resume_compatible(record_path, saved, self.identity_info(0), record["base"], fingerprint(self.cfg.models.base))
+        base = json.loads(json.dumps(fingerprint(self.cfg.models.base)))  # as the record stores it (tuples → lists)
+        check_resume_compatible(record_path, saved, self.identity_info(0), record["base"], base)
         wanted = self.state_record()["settings"]
         changed = {k: (v, wanted[k]) for k, v in record["settings"].items() if wanted.get(k) != v}
         if changed:
