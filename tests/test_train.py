@@ -36,7 +36,7 @@ def prepared(tmp_path_factory):
 
 
 def make_trainer(prepared, **kw):
-    cfg = TrainConfig(data=prepared, batch_size=2, validation_steps=2, **kw)
+    cfg = TrainConfig(data=prepared, **{"batch_size": 2, "validation_steps": 2, **kw})
     parts = load_training_components(ModelSpec(), CPU, torch.float32)
     images, masks, manifest = load_identity_set(prepared, 64)
     return IdTrainer(cfg, parts, images, masks, manifest["class_word"], CPU)
@@ -86,7 +86,7 @@ def test_only_the_new_embedding_rows_train(prepared):
     class_row = emb.weight[tr.tokenizer("toy", add_special_tokens=False).input_ids].mean(0)
     assert torch.allclose(tr.id_tokens.embeddings, class_row.expand(4, -1))  # initialised from the class word
     tr.optimizer.zero_grad()
-    tr.batch_loss(sample_batch(tr.images, tr.masks, tr.cfg, "toy", 0), torch.Generator().manual_seed(0)).backward()
+    tr.batch_loss(sample_batch(tr.images, tr.masks, tr.cfg, "toy", 0), tr.draw_noise(2, 64, torch.Generator().manual_seed(0))).backward()
     grads = [n for m in (tr.unet, tr.vae, tr.text_encoder) for n, p in m.named_parameters() if p.grad is not None]
     assert grads == [] and emb.weight.grad is None  # no other weight, no other embedding row, gets a gradient
     assert tr.id_tokens.embeddings.grad.abs().sum(1).gt(0).all()  # every ID vector does
@@ -98,6 +98,14 @@ def test_only_the_new_embedding_rows_train(prepared):
     tr.id_tokens.write_rows(emb)
     changed = (emb.weight != emb_before).any(1).nonzero().flatten().tolist()
     assert changed == tr.id_tokens.ids
+
+
+def test_gradient_accumulation_equals_the_whole_batch(prepared):
+    whole, parts = make_trainer(prepared, batch_size=4), make_trainer(prepared, batch_size=4, micro_batch=1)
+    loss_whole, loss_parts = whole.step(0), parts.step(0)
+    assert loss_whole == pytest.approx(loss_parts, rel=1e-5)
+    assert torch.allclose(whole.id_tokens.embeddings, parts.id_tokens.embeddings, atol=1e-6)
+    assert not torch.equal(whole.id_tokens.embeddings, make_trainer(prepared).id_tokens.embeddings)  # it did train
 
 
 def test_loss_on_the_training_set_goes_down(prepared):

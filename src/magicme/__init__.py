@@ -17,6 +17,12 @@ _EXPORTS = {
     "load_pipeline": "models",
     "tiny_components": "models",
     "save_tiny_model": "models",
+    "PrepareConfig": "prepare",
+    "prepare_identity_set": "prepare",
+    "SegmenterConfig": "segment",
+    "TrainConfig": "train",
+    "train": "train",
+    "masked_diffusion_loss": "train",
     "read_video": "video",
     "write_video": "video",
 }

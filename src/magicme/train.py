@@ -276,16 +276,24 @@ class IdTrainer:
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
-    def batch_loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        """The masked diffusion loss of one (micro-)batch; randomness from `generator` (CPU) only."""
-        vae_dtype = self.vae.dtype
+    def draw_noise(self, batch_size: int, resolution: int, generator: torch.Generator) -> dict:
+        """All randomness of one step, per sample, drawn at once so micro-batches slice the same numbers."""
+        c = self.vae.config.latent_channels
+        h = resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return {
+            "eps": torch.randn((batch_size, c, h, h), generator=generator),  # VAE posterior sample
+            "noise": offset_noise((batch_size, c, h, h), self.cfg.noise_offset, generator),
+            "t": torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator),
+        }
+
+    def batch_loss(self, batch: Batch, draws: dict) -> torch.Tensor:
+        """The masked diffusion loss of one (micro-)batch, with its slice of `draw_noise`'s numbers."""
         with torch.no_grad():
-            dist = self.vae.encode(batch.pixels.to(self.device, vae_dtype)).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=generator).to(self.device, dist.mean.dtype)
+            dist = self.vae.encode(batch.pixels.to(self.device, self.vae.dtype)).latent_dist
+            eps = draws["eps"].to(self.device, dist.mean.dtype)
             latents = (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
-        b = latents.shape[0]
-        noise = offset_noise(tuple(latents.shape), self.cfg.noise_offset, generator).to(self.device, latents.dtype)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(self.device)
+        noise = draws["noise"].to(self.device, latents.dtype)
+        t = draws["t"].to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with self.autocast():
             cond = self.encode_prompts(batch.prompts)
@@ -300,16 +308,17 @@ class IdTrainer:
     def step(self, step: int) -> float:
         """Optimizer step `step` (0-based) over cfg.batch_size samples, accumulated in micro-batches."""
         batch = sample_batch(self.images, self.masks, self.cfg, self.class_word, step)
+        n = len(batch.prompts)
+        draws = self.draw_noise(n, batch.pixels.shape[-1], torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step))
         while True:
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 total = 0.0
-                n = len(batch.prompts)
                 for s in range(0, n, self.micro_batch):
-                    part = Batch(batch.pixels[s : s + self.micro_batch], batch.masks[s : s + self.micro_batch], batch.prompts[s : s + self.micro_batch])
-                    loss = self.batch_loss(part, generator) * (len(part.prompts) / n)  # the batch mean, in parts
-                    self.scaler.scale(loss).backward()
+                    part = slice(s, s + self.micro_batch)
+                    micro = Batch(batch.pixels[part], batch.masks[part], batch.prompts[part])
+                    loss = self.batch_loss(micro, {k: v[part] for k, v in draws.items()}) * (len(micro.prompts) / n)
+                    self.scaler.scale(loss).backward()  # the batch mean, accumulated in parts
                     total += float(loss.detach())
                 break
             except torch.OutOfMemoryError:
