@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -153,8 +152,11 @@ def test_resume_from_another_base_is_refused(prepared, tmp_path, tiny_model_dir)
     ckpt = tmp_path / "a-checkpoints" / "step-000001"
     frame = Image.open(ckpt / "validation.png")
     assert frame.size == (64, 64)  # validation frames beside each checkpoint
+    folder = ModelSpec(base=str(tiny_model_dir))  # the same weights saved as a diffusers folder: another base
     with pytest.raises(ValueError, match=r"state\.json.*base model 'tiny'"):
-        train(TrainConfig(**kw, out=tmp_path / "b.safetensors", resume=ckpt, models=ModelSpec(base=str(tiny_model_dir))), quiet=True)
+        train(TrainConfig(**kw, out=tmp_path / "b.safetensors", resume=ckpt, models=folder), quiet=True)
+    res = train(TrainConfig(**{**kw, "checkpoint_every": 0}, out=tmp_path / "b.safetensors", models=folder), quiet=True)
+    assert read_identity(res.path)[1].base == str(tiny_model_dir)
 
 
 def test_identity_file_loads_in_stock_diffusers_with_the_same_embeddings(prepared, tmp_path):

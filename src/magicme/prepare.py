@@ -175,6 +175,8 @@ def _user_mask_files(folder: Path) -> dict[str, Path]:
 
 def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None) -> Path:
     """Write the prepared identity set (see the module docstring) atomically into `cfg.out`; return it."""
+    from PIL import Image
+
     cfg.check()
     refs = load_reference_images(cfg.images)
     class_word = cfg.class_word.strip()
@@ -205,8 +207,6 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None)
             sq, sq_mask = crop_square(img, seg.mask, box, cfg.resolution)
             name = f"{i:03d}_{path.stem}.png"
             sq.save(tmp / "images" / name)
-            from PIL import Image
-
             Image.fromarray(sq_mask.astype(np.uint8) * 255).save(tmp / "masks" / name)
             prepared.append(sq)
             prepared_masks.append(sq_mask)

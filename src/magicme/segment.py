@@ -258,6 +258,7 @@ class Segmenter:
                 return seg
             fallback = grabcut_mask(rgb, class_word)
             note = f"Grounding DINO found no {class_word!r} above {self.cfg.box_threshold}; GrabCut fallback"
+            note += f" ({fallback.note})" if fallback.note else ""
             return Segmentation(fallback.mask, fallback.method, fallback.box, note=note)
         return grabcut_mask(rgb, class_word)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .identity import IdentityInfo, check_resume_compatible, save_identity, token_pattern
-from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_base, tiny_components
+from .models import TINY, ModelSpec, fingerprint, load_base, tiny_components
 from .prepare import AugmentConfig, augment, load_identity_set, read_manifest
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class TrainConfig:
     noise_offset: float = 0.1  # reference implementation
     full_mask_share: float = 0.05  # reference implementation: share of samples trained on the whole image
     weight_decay: float = 0.01  # AdamW's usual; touches only the ID rows
-    resolution: int | None = None  # None: the base model's (512 for SD-1.5, 64 for tiny)
+    resolution: int | None = None  # None: the base model's native size (512 for SD-1.5, 64 for tiny)
     seed: int = 0
     checkpoint_every: int = 50  # steps; 0 = only on Ctrl-C
     validation_images: int = 2  # frames rendered with each checkpoint
@@ -236,6 +236,11 @@ def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch
         want = dtype if name != "text_encoder" else torch.float32
         m.to(device) if m.dtype == want else m.to(device=device, dtype=want)
     return parts
+
+
+def native_resolution(parts: dict) -> int:
+    """The base model's training resolution: UNet sample size × VAE scale (512 for SD-1.5, 64 for tiny)."""
+    return int(parts["unet"].config.sample_size) * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
 
 
 def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
@@ -497,7 +502,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None) -
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(dev, cfg.mixed_precision)
     parts = load_training_components(cfg.models, dev, amp or torch.float32)
-    resolution = cfg.resolution or (TinyPreset().resolution if cfg.models.base == TINY else 512)
+    resolution = cfg.resolution or native_resolution(parts)
     images, masks, _ = load_identity_set(cfg.data, resolution)
     trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
     if resume is not None:
@@ -512,7 +517,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None) -
             loss = trainer.step(step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if cfg.checkpoint_every and trainer.step_done % cfg.checkpoint_every == 0 and trainer.step_done < cfg.steps:
+            if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
                 trainer.save_checkpoint(ckpt_dir)
     except KeyboardInterrupt:
         bar.close()
