@@ -1,18 +1,83 @@
-"""`magicme demo`: the main job on the embedded tiny preset, offline, in seconds."""
+"""`magicme demo`: the main job on the embedded tiny preset, offline, in seconds.
+
+prepare (a sample identity the package draws itself) → train (extended ID tokens) → generate with it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .generate import GenerateConfig, generate
 from .models import ModelSpec
 
-DEMO_PROMPT = "a dog running on the beach at sunset"
+DEMO_TOKEN = "<v*>"
+DEMO_CLASS = "toy"
+DEMO_PROMPT = f"a {DEMO_TOKEN} {DEMO_CLASS} running on the beach at sunset"
+
+
+def sample_subject(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One photo of the sample identity, a little orange robot toy, on a varied background.
+
+    Returns (image (size, size, 3) uint8, subject mask (size, size) bool); deterministic in `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    kind = seed % 3
+    c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
+    if kind == 0:  # vertical gradient
+        bg = c0 + (c1 - c0) * yy[..., None]
+    elif kind == 1:  # stripes
+        bg = np.where((np.floor(xx * rng.integers(4, 9)) % 2)[..., None] == 1, c0, c1)
+    else:  # soft noise texture
+        bg = c0 + rng.normal(0, 18, (size, size, 1))
+    img = np.clip(bg, 0, 255) * np.ones((1, 1, 3))
+    s = rng.uniform(0.55, 0.8)  # subject height as a share of the image
+    cx, top = rng.uniform(0.35, 0.65), rng.uniform(0.08, 0.95 - s)
+    head_r = 0.16 * s
+    head = (xx - cx) ** 2 + (yy - (top + head_r)) ** 2 < head_r**2
+    body = (np.abs(xx - cx) < 0.22 * s) & (yy > top + 1.8 * head_r) & (yy < top + 0.8 * s)
+    legs = (np.abs(np.abs(xx - cx) - 0.11 * s) < 0.05 * s) & (yy >= top + 0.8 * s) & (yy < top + s)
+    eyes = ((np.abs(xx - cx) - 0.06 * s) ** 2 + (yy - (top + head_r)) ** 2) < (0.03 * s) ** 2
+    mask = head | body | legs
+    img[mask] = (235, 120, 30)
+    img[body & (np.abs(yy - (top + 0.5 * s)) < 0.04 * s)] = (60, 60, 200)  # a blue belt
+    img[eyes] = (20, 20, 20)
+    return img.round().astype(np.uint8), mask
+
+
+def write_sample_identity(folder: str | Path, count: int = 4, size: int = 192) -> Path:
+    """Write `count` PNG photos of the sample identity into `folder` (created)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        img, _ = sample_subject(size, seed=i)
+        Image.fromarray(img).save(folder / f"toy_{i}.png")
+    return folder
 
 
 def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False) -> list[Path]:
-    """Generate one clip with the tiny random-weight preset into `out_dir`; return what was written."""
+    """Prepare, train and generate with the tiny random-weight preset in `out_dir`; return what was written."""
+    from .prepare import PrepareConfig, prepare_identity_set
+    from .segment import SegmenterConfig
+    from .train import TrainConfig, train
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = GenerateConfig(prompts=[DEMO_PROMPT], frames=16, steps=25, models=ModelSpec(base="tiny"))
-    return generate(cfg, out_dir / "t2v.mp4", quiet=quiet)
+    photos = write_sample_identity(out_dir / "sample_identity")
+    prepared = prepare_identity_set(
+        PrepareConfig(images=photos, class_word=DEMO_CLASS, out=out_dir / "prepared", resolution=128, segmenter=SegmenterConfig(method="grabcut"))
+    )
+    result = train(
+        TrainConfig(
+            data=prepared, token=DEMO_TOKEN, steps=30, batch_size=2, lr=1e-2, checkpoint_every=15,
+            validation_steps=5, out=out_dir / "identity.safetensors", models=ModelSpec(base="tiny"),
+        ),
+        quiet=quiet,
+    )
+    cfg = GenerateConfig(prompts=[DEMO_PROMPT], frames=16, steps=25, identities=[str(result.path)], models=ModelSpec(base="tiny"))
+    video = generate(cfg, out_dir / "t2v.mp4", quiet=quiet)
+    return [prepared / "contact_sheet.png", result.path, *video]

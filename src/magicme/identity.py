@@ -134,3 +134,19 @@ def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
             {info.token: emb.to(pipe.text_encoder.dtype)}, token=info.token, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
         )
     return infos
+
+
+def check_resume_compatible(path: str | Path, saved: IdentityInfo, wanted: IdentityInfo, saved_base: dict, wanted_base: dict) -> None:
+    """A training checkpoint may only continue the same identity (token, vectors, class word) on the same base model."""
+    for field_name in ("token", "num_vectors", "class_word", "hidden_size"):
+        a, b = getattr(saved, field_name), getattr(wanted, field_name)
+        if a != b and (field_name != "hidden_size" or (a and b)):
+            raise ValueError(
+                f"--resume {str(path)!r} is from another identity: its {field_name} is {a!r}, this run's is {b!r}"
+            )
+    if saved_base != wanted_base:
+        raise ValueError(
+            f"--resume {str(path)!r} was trained on base model {saved_base.get('name')!r}"
+            f" ({saved_base.get('fingerprint', saved_base.get('source', ''))}), not {wanted_base.get('name')!r}"
+            f" ({wanted_base.get('fingerprint', wanted_base.get('source', ''))})"
+        )
