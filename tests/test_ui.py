@@ -111,6 +111,40 @@ def test_identity_import_checks_contents(ws, tmp_path):
     assert sorted(p.name for p in (ws.root / "identities").iterdir()) == before
 
 
+# ---- masks and training
+
+
+def test_prepare_then_train_an_identity_with_a_live_loss_curve(ws, tmp_path):
+    files = []
+    for i in range(3):
+        im = Image.new("RGB", (96, 96), (40, 90, 40))
+        im.paste((230, 200, 60), (28 + 4 * i, 24, 70 + 4 * i, 76))  # the subject: a bright square on grass
+        files.append(str(tmp_path / f"s{i}.png"))
+        im.save(files[-1])
+    name, _, _ = ui.on_upload(ws, files, "dog")
+    assert ui.masks_view(ws, name) == ("Not prepared yet: make the masks.", None, [])
+    with pytest.raises(ValueError, match="not prepared"):
+        list(ui.on_train(ws, TINY_MODEL, name, "<tr>", 3, 1e-3, 2, True, 0))
+    status, sheet, masks = ui.on_prepare(ws, name, "grabcut")
+    assert "3 photo(s)" in status and Image.open(sheet).size[0] > 0 and len(masks) == 3
+    mask = np.asarray(Image.open(masks[0][0])) > 127
+    assert 0.05 < mask.mean() < 0.9  # a subject, not the whole frame or nothing
+    seen = []
+    outs = list(ui.on_train(ws, TINY_MODEL, name, "<tr>", 3, 1e-3, 2, True, 0, progress=lambda i, n: seen.append((i, n))))
+    status, curve, ident = outs[-1]
+    assert seen == [(1, 3), (2, 3), (3, 3)] and list(curve["step"]) == [1, 2, 3]
+    assert np.isfinite(curve["loss"]).all() and ident and status.startswith("Done")
+    info = dict((n, l) for l, n in ws.identities())[ident]
+    assert info.startswith("<tr> (dog)")
+    # the trained identity generates at once, through the same cached pipeline
+    *_, (_, video, settings) = ui.on_generate(ws, TINY_MODEL, "a <tr> dog", "", [ident], 0.15, 2, 1, 0, 7.5, 8)
+    assert settings["models"]["identities"][0]["token"] == "<tr>"
+    # cancelling training writes no identity
+    before = ws.identities()
+    out = list(ui.on_train(ws, TINY_MODEL, name, "<tc>", 50, 1e-3, 2, True, 0, progress=lambda i, n: i == 2 and ws.cancel()))
+    assert out[-1][0] == "Cancelled; no identity was written." and ws.identities() == before
+
+
 # ---- generate, progress, cancel, model cache
 
 

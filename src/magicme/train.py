@@ -485,8 +485,12 @@ def latest_checkpoint(folder: Path) -> Path:
     return found[-1]
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None) -> TrainResult:
-    """Train one identity's extended ID tokens and write `cfg.out`; Ctrl-C saves a checkpoint and re-raises."""
+def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None) -> TrainResult:
+    """Train one identity's extended ID tokens and write `cfg.out`; Ctrl-C saves a checkpoint and re-raises.
+
+    `step_callback(step, loss)` runs after each optimizer step (a live loss curve; raising from it
+    stops training with nothing written but the checkpoints already saved).
+    """
     from tqdm.auto import tqdm
 
     from .video import write_sidecar
@@ -517,6 +521,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None) -
             loss = trainer.step(step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if step_callback is not None:
+                step_callback(trainer.step_done, loss)
             if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
                 trainer.save_checkpoint(ckpt_dir)
     except KeyboardInterrupt:

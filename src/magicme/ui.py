@@ -7,6 +7,7 @@ page's new state after each step, so progress shows live, and the Cancel button 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -91,6 +92,72 @@ def on_pick_set(ws: Workspace, name: str | None) -> tuple[list[str], str]:
         return [], ""
     images, record = ws.reference_set(name)
     return [str(p) for p in images], record["class_word"]
+
+
+def on_prepare(ws: Workspace, name: str | None, segmenter: str = "auto") -> tuple[str, str | None, list[tuple[str, str]]]:
+    """Make the subject masks of a reference set (§4.2); return (status, contact sheet, [(mask, caption)])."""
+    if not name:
+        raise ValueError("reference set: save or pick a set of photos first")
+    manifest = ws.prepare(name, segmenter or "auto")
+    return masks_view(ws, name, manifest)
+
+
+def masks_view(ws: Workspace, name: str | None, manifest: dict | None = None) -> tuple[str, str | None, list[tuple[str, str]]]:
+    """What the page shows of a prepared set: status with the segmenter used, contact sheet, masks."""
+    import json
+
+    folder = ws.prepared(name) if name else None
+    if folder is None:
+        return ("Not prepared yet: make the masks." if name else ""), None, []
+    manifest = manifest or json.loads((folder / "manifest.json").read_text())
+    masks = [(str(folder / item["mask"]), f"{item['mask_method']} · {item['mask_area']:.0%} of the image") for item in manifest["items"]]
+    status = f"Masks of {len(masks)} photo(s) by {manifest['segmentation']}. Check them, then train."
+    return status, str(folder / "contact_sheet.png"), masks
+
+
+def on_train(
+    ws: Workspace,
+    model: tuple[str, ...],
+    name: str | None,
+    token: str,
+    steps,
+    lr,
+    num_vectors,
+    masked: bool,
+    seed,
+    progress: Callable[[int, int], None] = lambda step, steps: None,
+) -> Iterator[tuple[str, object, str | None]]:
+    """Train an identity on a prepared set; yield (status, loss curve as a DataFrame, identity name or None)."""
+    import pandas as pd
+
+    from .train import TrainConfig
+
+    if not name:
+        raise ValueError("reference set: save or pick a set of photos first")
+    cfg = TrainConfig(
+        data="",
+        token=(token or "").strip(),
+        steps=_int(steps, "steps"),
+        lr=_float(lr, "learning rate"),
+        num_vectors=_int(num_vectors, "vectors"),
+        masked=bool(masked),
+        seed=_int(seed, "seed"),
+        checkpoint_every=0,  # an interactive run: the identity file is the result
+        models=model_spec(*model),
+    )
+    losses: list[tuple[int, float]] = []
+    curve = lambda: pd.DataFrame(losses, columns=["step", "loss"])  # noqa: E731
+    yield "Loading the model…", curve(), None
+    try:
+        for kind, value in stream(lambda report: ws.train(name, cfg, report)):
+            if kind == "progress":
+                losses.append((value["step"], value["loss"]))
+                progress(value["step"], value["steps"])
+                yield f"Training: step {value['step']}/{value['steps']}, loss {value['loss']:.4f}", curve(), None
+            else:
+                yield f"Done: identity {value} (token {cfg.token}). Use it in Generate.", curve(), value
+    except Cancelled:
+        yield "Cancelled; no identity was written.", curve(), None
 
 
 def on_import_identity(ws: Workspace, file: str | None) -> tuple[str, str]:
@@ -272,9 +339,12 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
     from .evaluate import MetricModels
     from .long_video import WEIGHTING_SCHEMES
     from .models import PRESETS, SCHEDULERS
+    from .segment import SEGMENTERS
+    from .train import TrainConfig
 
     ws = workspace or Workspace(workdir, device=device)
     d = generate_defaults()
+    train_defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
     def guarded(fn):
         """User errors become a red message on the page instead of a traceback."""
@@ -327,6 +397,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                 preset = gr.Dropdown(list(PRESETS), value="full", label="Speed preset", elem_id="preset",
                                      info="fast: AnimateDiff-Lightning 4 steps; lcm: AnimateLCM")
         model = [base, adapter, base_config, scheduler, preset]
+        trained = gr.State(None)
 
         with gr.Tabs():
             with gr.Tab("1 · Photos & identity", id="identity"):
@@ -340,6 +411,32 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                     with gr.Column():
                         ref_set = gr.Dropdown(ws.reference_sets(), label="Reference sets", elem_id="ref_set")
                         ref_images = gr.Gallery(label="Photos", columns=4, height=260, buttons=["download"], elem_id="ref_images")
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("**Masks** (§4.2): the subject is found by its class word (Grounding DINO + SAM when "
+                                    "available, else GrabCut) and only it is learned.")
+                        segmenter = gr.Dropdown(list(SEGMENTERS), value="auto", label="Segmenter")
+                        prepare_btn = gr.Button("Make masks", elem_id="prepare")
+                        prepare_status = gr.Markdown(elem_id="prepare_status")
+                        masks = gr.Gallery(label="Masks", columns=4, height=200, buttons=["download"], elem_id="masks")
+                    contact = gr.Image(label="Photos and masks", type="filepath", interactive=False, elem_id="contact_sheet")
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("**Train the identity** (§4.2, §5.2 defaults): extended ID tokens with the masked loss.")
+                        with gr.Row():
+                            token = gr.Textbox(train_defaults["token"], label="Token", elem_id="token")
+                            train_steps = gr.Number(train_defaults["steps"], label="Steps", precision=0, elem_id="train_steps")
+                            lr = gr.Number(train_defaults["lr"], label="Learning rate")
+                        with gr.Row():
+                            num_vectors = gr.Number(train_defaults["num_vectors"], label="Vectors", precision=0)
+                            masked = gr.Checkbox(train_defaults["masked"], label="Masked loss")
+                            train_seed = gr.Number(train_defaults["seed"], label="Seed", precision=0)
+                        with gr.Row():
+                            train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                            cancel_train = gr.Button("Cancel", variant="stop", elem_id="cancel_train")
+                    with gr.Column():
+                        train_status = gr.Markdown(elem_id="train_status")
+                        loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss_plot")
                 with gr.Row():
                     id_file = gr.File(label="Import an identity (.safetensors)", file_types=[".safetensors"], elem_id="id_file")
                     with gr.Column():
@@ -419,11 +516,20 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         # photos
         def upload(files, word):
             name, images, status = on_upload(ws, files, word)
-            return sets_update(name), images, status
+            return sets_update(name), images, status, *masks_view(ws, name)
 
-        upload_btn.click(guarded(upload), [photos, class_word], [ref_set, ref_images, upload_status]).then(
+        upload_btn.click(guarded(upload), [photos, class_word], [ref_set, ref_images, upload_status, prepare_status, contact, masks]).then(
             lambda: sets_update(), None, eval_set)
-        ref_set.input(guarded(lambda n: on_pick_set(ws, n)), ref_set, [ref_images, class_word])
+        ref_set.input(guarded(lambda n: (*on_pick_set(ws, n), *masks_view(ws, n))), ref_set,
+                      [ref_images, class_word, prepare_status, contact, masks])
+        prepare_btn.click(guarded(lambda n, m: on_prepare(ws, n, m)), [ref_set, segmenter], [prepare_status, contact, masks])
+        train_event = train_btn.click(
+            guarded_stream(lambda *a, progress: on_train(ws, a[:5], *a[5:], progress=progress), "training"),
+            [*model, ref_set, token, train_steps, lr, num_vectors, masked, train_seed],
+            [train_status, loss_plot, trained],
+        )
+        train_event.then(lambda new: (identities_update([new] if new else None), identities_update()), trained, [identities, refine_ids])
+        cancel_train.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, train_status)
         import_btn.click(guarded(lambda f: on_import_identity(ws, f)[1]), id_file, import_status).then(
             lambda: (identities_update(), identities_update()), None, [identities, refine_ids])
 

@@ -145,6 +145,7 @@ class Workspace:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._pipes: dict = {}  # (ModelSpec, device) → [pipeline, {token: identity fingerprint}]
         self._scorers: dict = {}  # MetricModels → evaluate.Scorer
+        self._segmenters: dict = {}  # SegmenterConfig → segment.Segmenter
         self._model_lock = threading.Lock()
         self._jobs: set[_Job] = set()
         self._jobs_lock = threading.Lock()
@@ -187,6 +188,58 @@ class Workspace:
         """(image paths, set record) of one reference set."""
         folder = self._resolve(REFERENCES, name)
         return sorted((folder / "images").glob("*.png")), json.loads((folder / SET_RECORD).read_text())
+
+    def prepare(self, name: str, segmenter: str = "auto") -> dict:
+        """Square the set's photos around the subject and mask it (prepare.py, §4.2); return the manifest.
+
+        The prepared set is kept in the set's `prepared/` folder; the segmenter is loaded once and reused.
+        """
+        from .prepare import PrepareConfig, prepare_identity_set, read_manifest
+        from .segment import Segmenter, SegmenterConfig
+
+        images, record = self.reference_set(name)
+        seg_cfg = SegmenterConfig(method=segmenter, device=self.device)
+        cfg = PrepareConfig(images=images[0].parent, class_word=record["class_word"], out=self.root / REFERENCES / name / "prepared", segmenter=seg_cfg)
+        cfg.check()
+
+        def work(check: Callable[[], None]) -> dict:
+            if seg_cfg not in self._segmenters:
+                self._segmenters[seg_cfg] = Segmenter(seg_cfg)
+            check()
+            return read_manifest(prepare_identity_set(cfg, segmenter=self._segmenters[seg_cfg]))
+
+        return self.run_job(work)
+
+    def prepared(self, name: str) -> Path | None:
+        """The prepared folder of a set (images/, masks/, contact_sheet.png), or None before `prepare`."""
+        folder = self._resolve(REFERENCES, name) / "prepared"
+        return folder if (folder / "manifest.json").is_file() else None
+
+    def train(self, name: str, cfg, report: Callable[[dict], None] = lambda _: None) -> str:
+        """Train an identity on a prepared set (train.py, §4.2) into identities/; return the identity's name.
+
+        `cfg` is a `TrainConfig` whose data, out and checkpoint folder are set here; `report` gets
+        {"step", "steps", "loss"} after each optimizer step.
+        """
+        from .train import train
+
+        data = self.prepared(name)
+        if data is None:
+            raise ValueError(f"reference set {name!r} is not prepared yet: make its masks first")
+        _, record = self.reference_set(name)
+        ident = f"{new_name(_slug(record['class_word']) + '-')}.safetensors"
+        cfg = replace(cfg, data=data, out=self.root / IDENTITIES / ident, checkpoint_dir=self.root / "checkpoints" / Path(ident).stem)
+        cfg.check()
+
+        def work(check: Callable[[], None]) -> str:
+            def on_step(step: int, loss: float) -> None:
+                report({"step": step, "steps": cfg.steps, "loss": loss})
+                check()
+
+            train(cfg, quiet=True, device=self.device, step_callback=on_step)
+            return ident
+
+        return self.run_job(work)
 
     # ---- identities
     def import_identity(self, path: str | Path) -> str:
