@@ -133,6 +133,7 @@ def test_prepare_then_train_an_identity_with_a_live_loss_curve(ws, tmp_path):
     outs = list(ui.on_train(ws, TINY_MODEL, name, "<tr>", 3, 1e-3, 2, True, 0, progress=lambda i, n: seen.append((i, n))))
     status, curve, ident = outs[-1]
     assert seen == [(1, 3), (2, 3), (3, 3)] and list(curve["step"]) == [1, 2, 3]
+    assert str(outs[0][1]["loss"].dtype) == "float64"  # typed while empty, so the plot's axes are numeric
     assert np.isfinite(curve["loss"]).all() and ident and status.startswith("Done")
     info = dict((n, l) for l, n in ws.identities())[ident]
     assert info.startswith("<tr> (dog)")

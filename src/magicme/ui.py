@@ -146,7 +146,10 @@ def on_train(
         models=model_spec(*model),
     )
     losses: list[tuple[int, float]] = []
-    curve = lambda: pd.DataFrame(losses, columns=["step", "loss"])  # noqa: E731
+    def curve():  # typed columns even when empty, or the plot takes them for categories
+        steps, values = zip(*losses) if losses else ((), ())
+        return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "loss": pd.Series(values, dtype="float64")})
+
     yield "Loading the model…", curve(), None
     try:
         for kind, value in stream(lambda report: ws.train(name, cfg, report)):
@@ -373,6 +376,9 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
 
     def identities_update(selected=None):
+        """New choices; the picked identities stay picked unless `selected` replaces them."""
+        if selected is None:
+            return gr.update(choices=ws.identities())
         return gr.update(choices=ws.identities(), value=selected)
 
     def videos_update(selected=None):
