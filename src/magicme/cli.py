@@ -168,6 +168,14 @@ def cmd_tiny_model_save(args) -> None:
     print(save_tiny_model(args.dir))
 
 
+def cmd_run(args) -> None:
+    from .run import load_chain_config, run_chain
+
+    cfg = load_chain_config(args.config, work_dir=str(Path(args.work_dir).resolve()) if args.work_dir else None)
+    result = run_chain(cfg, quiet=args.quiet, device=args.device)
+    print(f"done: ran {', '.join(result.ran) or 'nothing'}; up to date: {', '.join(result.skipped) or 'nothing'}")
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
 
@@ -361,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output folder")
     p.add_argument("--max-videos", type=int, default=64, help="videos per contact sheet")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("run", help="the whole chain from one YAML/TOML config: prepare → train → generate → face → upscale → evaluate")
+    p.add_argument("--config", required=True, help="YAML or TOML run config (see the README)")
+    p.add_argument("--work-dir", default=None, help="override the config's work_dir (relative to the current folder)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tiny-model", help="the tiny random-weight preset")
     tiny = p.add_subparsers(dest="action", required=True, metavar="ACTION")
