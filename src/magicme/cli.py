@@ -18,10 +18,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=None, help="ddim (default), euler or dpm; --preset fast/lcm bring their own")
     g.add_argument("--preset", default="full", help="full (default); fast: AnimateDiff-Lightning 4-step draft; lcm: AnimateLCM 6-step draft")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32")
+    g.add_argument("--low-vram", action="store_true", help="fit 16×512² in 8 GB: CPU offload, VAE slicing/tiling, chunked motion modules")
+    g.add_argument("--attention-slicing", action="store_true", help="attention in slices (less memory, a little slower)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call, cached after)")
 
 
 def _model_spec(args):
     from .models import ModelSpec
+    from .speed import SpeedOptions
 
     preset = getattr(args, "preset", "full")
     if args.scheduler is not None and preset != "full":
@@ -29,6 +34,7 @@ def _model_spec(args):
     return ModelSpec(
         base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
         scheduler=args.scheduler or "ddim", preset=preset,
+        speed=SpeedOptions(dtype=args.dtype, low_vram=args.low_vram, attention_slicing=args.attention_slicing, compile=args.compile),
     )
 
 

@@ -107,6 +107,13 @@ def load_chain_config(path: str | Path, **overrides) -> ChainConfig:
     known_models = {f.name for f in dataclasses.fields(ModelSpec)}
     if not isinstance(models, dict) or set(models) - known_models:
         raise ValueError(f"--config {str(path)!r}: models may hold {sorted(known_models)}")
+    if isinstance(models.get("speed"), dict):
+        from .speed import SpeedOptions
+
+        known_speed = {f.name for f in dataclasses.fields(SpeedOptions)}
+        if set(models["speed"]) - known_speed:
+            raise ValueError(f"--config {str(path)!r}: models.speed may hold {sorted(known_speed)}")
+        models["speed"] = SpeedOptions(**models["speed"])
     for key in ("base", "motion_adapter", "base_config"):
         value = models.get(key)
         if value and value != "tiny" and (root / value).exists():  # relative local paths are relative to the file
