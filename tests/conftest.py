@@ -6,6 +6,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
+# diffusers/transformers bind their log handler to the sys.stderr of first use; make that pytest's
+# session-long stream, not a capsys stream that a test closes (later warnings would then fail to print)
+from diffusers.utils import logging as _diffusers_logging  # noqa: E402
+from transformers.utils import logging as _transformers_logging  # noqa: E402
+
+_diffusers_logging.get_logger("diffusers")
+_transformers_logging.get_logger("transformers")
+
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow (long or GPU-only)")

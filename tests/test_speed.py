@@ -23,8 +23,6 @@ def test_dtype_choice_and_bad_options():
     assert SpeedOptions(dtype="bf16").torch_dtype(torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="--dtype"):
         SpeedOptions(dtype="fp8").check()
-    with pytest.raises(ValueError, match="--decode-chunk"):
-        SpeedOptions(decode_chunk=0).check()
 
 
 @pytest.mark.slow
@@ -33,3 +31,15 @@ def test_compiled_unet_matches_eager(tiny_pipe):
     apply_speed_options(pipe, SpeedOptions(compile=True), torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(generate_video(pipe, "a dog", **KW), generate_video(tiny_pipe, "a dog", **KW), atol=1e-3)
+
+
+def test_cli_speed_flags_reach_the_pipeline_and_the_record(tmp_path):
+    from magicme.cli import main
+    from magicme.video import read_sidecar
+
+    out = tmp_path / "v.gif"
+    assert main(["generate", "--prompt", "a dog", "--frames", "2", "--steps", "1", "--low-vram", "--attention-slicing",
+                 "--out", str(out), "--quiet"]) == 0
+    speed = read_sidecar(out)["models"]["speed"]
+    assert speed["low_vram"] is True and speed["attention_slicing"] is True and speed["dtype"] == "auto"
+    assert main(["generate", "--prompt", "a dog", "--dtype", "fp8", "--out", str(tmp_path / "x.gif")]) == 2

@@ -18,10 +18,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=None, help="ddim (default), euler or dpm; --preset fast/lcm bring their own")
     g.add_argument("--preset", default="full", help="full (default); fast: AnimateDiff-Lightning 4-step draft; lcm: AnimateLCM 6-step draft")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32")
+    g.add_argument("--low-vram", action="store_true", help="fit 16×512² in 8 GB: CPU offload, VAE slicing/tiling, chunked motion modules")
+    g.add_argument("--attention-slicing", action="store_true", help="attention in slices (less memory, a little slower)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call, cached after)")
 
 
 def _model_spec(args):
     from .models import ModelSpec
+    from .speed import SpeedOptions
 
     preset = getattr(args, "preset", "full")
     if args.scheduler is not None and preset != "full":
@@ -29,6 +34,7 @@ def _model_spec(args):
     return ModelSpec(
         base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
         scheduler=args.scheduler or "ddim", preset=preset,
+        speed=SpeedOptions(dtype=args.dtype, low_vram=args.low_vram, attention_slicing=args.attention_slicing, compile=args.compile),
     )
 
 
@@ -166,6 +172,14 @@ def cmd_tiny_model_save(args) -> None:
     from .models import save_tiny_model
 
     print(save_tiny_model(args.dir))
+
+
+def cmd_run(args) -> None:
+    from .run import load_chain_config, run_chain
+
+    cfg = load_chain_config(args.config, work_dir=str(Path(args.work_dir).resolve()) if args.work_dir else None)
+    result = run_chain(cfg, quiet=args.quiet, device=args.device)
+    print(f"done: ran {', '.join(result.ran) or 'nothing'}; up to date: {', '.join(result.skipped) or 'nothing'}")
 
 
 def cmd_demo(args) -> None:
@@ -371,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output folder")
     p.add_argument("--max-videos", type=int, default=64, help="videos per contact sheet")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("run", help="the whole chain from one YAML/TOML config: prepare → train → generate → face → upscale → evaluate")
+    p.add_argument("--config", required=True, help="YAML or TOML run config (see the README)")
+    p.add_argument("--work-dir", default=None, help="override the config's work_dir (relative to the current folder)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tiny-model", help="the tiny random-weight preset")
     tiny = p.add_subparsers(dest="action", required=True, metavar="ACTION")

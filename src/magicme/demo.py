@@ -1,6 +1,7 @@
 """`magicme demo`: the main job on the embedded tiny preset, offline, in seconds.
 
-prepare (a sample identity the package draws itself) → train (extended ID tokens) → generate with it.
+The package draws a sample identity itself, writes a `magicme run` config for the tiny preset beside
+it, and runs the whole chain: prepare → train → generate → face → upscale → evaluate.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import GenerateConfig, generate
-from .models import ModelSpec
 
 DEMO_TOKEN = "<v*>"
 DEMO_CLASS = "toy"
@@ -59,25 +58,44 @@ def write_sample_identity(folder: str | Path, count: int = 4, size: int = 192) -
     return folder
 
 
+def write_demo_config(out_dir: Path) -> Path:
+    """The `magicme run` config of the demo: the sample identity through every stage on the tiny preset."""
+    import yaml
+
+    from .evaluate import save_tiny_metric_models
+
+    if not (out_dir / "metric_models").is_dir():  # random tiny CLIP/DINO: the real ones need the hub
+        save_tiny_metric_models(out_dir / "metric_models")
+    config = {
+        "images": "sample_identity",
+        "class_word": DEMO_CLASS,
+        "token": DEMO_TOKEN,
+        "prompt": DEMO_PROMPT,
+        "work_dir": ".",
+        "models": {"base": "tiny"},
+        "prepare": {"resolution": 128, "segmenter": {"method": "grabcut"}},
+        "train": {"steps": 30, "batch_size": 2, "lr": 1e-2, "checkpoint_every": 15, "validation_steps": 5},
+        "generate": {"frames": 16, "steps": 25},
+        "face": {"steps": 10},
+        "upscale": {"scale": 2, "steps": 10},
+        "evaluate": {},
+        "metric_models": {"clip": "metric_models/clip", "dino": "metric_models/dino"},
+    }
+    path = out_dir / "magicme-run.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False) -> list[Path]:
-    """Prepare, train and generate with the tiny random-weight preset in `out_dir`; return what was written."""
-    from .prepare import PrepareConfig, prepare_identity_set
-    from .segment import SegmenterConfig
-    from .train import TrainConfig, train
+    """The whole chain (prepare → train → generate → face → upscale → evaluate) on the tiny preset in `out_dir`.
+
+    A rerun skips every stage that is up to date. Returns the outputs, in stage order.
+    """
+    from .run import load_chain_config, run_chain
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    photos = write_sample_identity(out_dir / "sample_identity")
-    prepared = prepare_identity_set(
-        PrepareConfig(images=photos, class_word=DEMO_CLASS, out=out_dir / "prepared", resolution=128, segmenter=SegmenterConfig(method="grabcut"))
-    )
-    result = train(
-        TrainConfig(
-            data=prepared, token=DEMO_TOKEN, steps=30, batch_size=2, lr=1e-2, checkpoint_every=15,
-            validation_steps=5, out=out_dir / "identity.safetensors", models=ModelSpec(base="tiny"),
-        ),
-        quiet=quiet,
-    )
-    cfg = GenerateConfig(prompts=[DEMO_PROMPT], frames=16, steps=25, identities=[str(result.path)], models=ModelSpec(base="tiny"))
-    video = generate(cfg, out_dir / "t2v.mp4", quiet=quiet)
-    return [prepared / "contact_sheet.png", result.path, *video]
+    write_sample_identity(out_dir / "sample_identity")
+    config = write_demo_config(out_dir)
+    result = run_chain(load_chain_config(config), quiet=quiet, log=(lambda m: None) if quiet else print)
+    return list(result.outputs.values())

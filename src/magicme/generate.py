@@ -232,7 +232,8 @@ def run_record(
 ) -> dict:
     """Everything needed to reproduce one video."""
     spec = cfg.models
-    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
+    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset,
+              "speed": asdict(spec.speed)}
     if pipe is not None:  # what actually ran, read back from the pipeline
         models["scheduler_config"] = scheduler_record(pipe.scheduler)
     if spec.base != TINY:

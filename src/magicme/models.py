@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .speed import SpeedOptions, apply_speed_options
+
 TINY = "tiny"
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # §5.2: the ID module trains on SD-1.5
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
@@ -292,8 +294,10 @@ class ModelSpec:
     base_config: str | None = None  # configs for a single-file base
     scheduler: str = "ddim"
     preset: str = "full"  # "fast"/"lcm": a few-step adapter with its own scheduler (see PRESETS)
+    speed: SpeedOptions = SpeedOptions()  # dtype, low-VRAM set, torch.compile (speed.py)
 
     def check(self) -> None:
+        self.speed.check()
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.preset not in PRESETS:
@@ -338,7 +342,7 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dty
 
     spec.check()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or spec.speed.torch_dtype(device)
     if spec.base == TINY:
         parts = tiny_components()
     else:
@@ -352,7 +356,7 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dty
         pipe.set_adapters([preset.name], [preset.lora_scale])
     if pipe.unet.dtype != dtype:  # the tiny preset is built in fp32; real weights were loaded in `dtype`
         pipe.to(dtype=dtype)
-    return pipe.to(device)
+    return apply_speed_options(pipe, spec.speed, device)
 
 
 def fingerprint(name: str) -> dict:

@@ -2,7 +2,7 @@
 
 Defaults are the options that never hurt: half-precision weights and channels-last layout on CUDA,
 PyTorch SDPA attention (diffusers' default processor), classifier-free guidance as one batched UNet
-call (the pipeline's own behaviour) and VAE decoding in frame chunks. `low_vram` trades speed for
+call and VAE decoding in chunks of 16 frames (both the pipeline's own behaviour). `low_vram` trades speed for
 memory so 16 frames at 512×512 fit an 8 GB GPU; `compile` is opt-in because its first call is slow.
 """
 
@@ -20,15 +20,12 @@ class SpeedOptions:
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     channels_last: bool = True  # CUDA only: faster convolutions with cuDNN
     compile: bool = False  # torch.compile the UNet (cached by inductor across runs)
-    decode_chunk: int = 16  # frames per VAE decode call
     low_vram: bool = False  # model CPU offload + VAE slicing/tiling + motion-module chunking + attention slicing
     attention_slicing: bool = False
 
     def check(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        if not isinstance(self.decode_chunk, int) or self.decode_chunk < 1:
-            raise ValueError(f"--decode-chunk must be an integer >= 1, got {self.decode_chunk!r}")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
