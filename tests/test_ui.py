@@ -353,10 +353,11 @@ def test_cli_ui_checks_arguments_then_serves(monkeypatch, tmp_path, capsys):
     from magicme.cli import main
 
     calls = []
-    monkeypatch.setattr(ui, "launch", lambda app, host, port: calls.append((app.magicme_workspace.root, host, port)))
+    monkeypatch.setattr(ui, "launch", lambda app, host, port, quiet: calls.append((app.magicme_workspace.root, host, port)))
     assert main(["ui", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--port" in err[0]
     assert calls == []
     assert main(["ui", "--port", "7999", "--workdir", str(tmp_path / "w")]) == 0
     assert calls == [((tmp_path / "w").resolve(), "127.0.0.1", 7999)]
+    assert "http://127.0.0.1:7999" in capsys.readouterr().out

@@ -386,7 +386,8 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         names = [n for _, n in choices]
         return gr.update(choices=choices, value=selected if selected in names else None), video_gallery(ws)
 
-    with gr.Blocks(title="magicme", analytics_enabled=False) as app:
+    # delete_cache: uploads and copies Gradio keeps in its own cache go after a day, checked hourly
+    with gr.Blocks(title="magicme", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         gr.Markdown(
             "# magicme\nIdentity-specific video generation (Magic-Me / VCD). "
             "Upload photos of a subject → make its identity → generate videos. "
@@ -588,7 +589,10 @@ def check_server_args(host: str, port: int) -> None:
 def serve(workdir: str | Path = "magicme-ui", host: str = "127.0.0.1", port: int = DEFAULT_PORT, device: str | None = None) -> None:
     """`magicme ui`: check the arguments, build the app over `workdir` and serve it until interrupted."""
     check_server_args(host, port)
-    launch(build_app(workdir, device=device), host=host, port=port)
+    app = build_app(workdir, device=device)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"magicme ui on http://{shown}:{port} (work directory {app.magicme_workspace.root}); Ctrl-C stops it", flush=True)
+    launch(app, host=host, port=port, quiet=True)
 
 
 def launch(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, block: bool = True, quiet: bool = False):
