@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr  # this module is the web UI; the CLI imports it only for `magicme ui`
@@ -20,17 +20,11 @@ from .workspace import Cancelled, Workspace, stream, video_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 7860
-_GEN_DEFAULTS = None
 
 
-def generate_defaults() -> dict:
-    """GenerateConfig's defaults: the UI, the CLI and the Python API share them."""
-    global _GEN_DEFAULTS
-    if _GEN_DEFAULTS is None:
-        from .generate import GenerateConfig
-
-        _GEN_DEFAULTS = {f.name: f.default for f in fields(GenerateConfig) if not callable(f.default_factory)}
-    return _GEN_DEFAULTS
+def config_defaults(cls) -> dict:
+    """A config dataclass's plain defaults: the UI shows the ones the CLI and the Python API use."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def model_spec(base: str, motion_adapter: str, base_config: str, scheduler: str, preset: str = "full"):
@@ -54,7 +48,7 @@ def _int(value, name: str, optional: bool = False) -> int | None:
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
-    if number != number or number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
     return int(number)
 
@@ -130,6 +124,7 @@ def on_train(
     """Train an identity on a prepared set; yield (status, loss curve as a DataFrame, identity name or None)."""
     import pandas as pd
 
+    from .generate import GenerateConfig
     from .train import TrainConfig
 
     if not name:
@@ -341,13 +336,14 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings or version checks
     from .evaluate import MetricModels
     from .long_video import WEIGHTING_SCHEMES
+    from .generate import GenerateConfig
     from .models import PRESETS, SCHEDULERS
     from .segment import SEGMENTERS
     from .train import TrainConfig
 
     ws = workspace or Workspace(workdir, device=device)
-    d = generate_defaults()
-    train_defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    d = config_defaults(GenerateConfig)
+    train_defaults = config_defaults(TrainConfig)
 
     def guarded(fn):
         """User errors become a red message on the page instead of a traceback."""
