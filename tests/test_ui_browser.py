@@ -194,7 +194,10 @@ def test_cancel_stops_a_running_generation(page, server):
     finally:
         shot(page, "ui_cancel.png")
     page.locator("#cancel_generate").click()
-    page.locator("#gen_status").get_by_text("Cancelled; nothing was written.").wait_for(timeout=60_000)
+    try:
+        page.locator("#gen_status").get_by_text("Cancelled; nothing was written.").wait_for(timeout=60_000)
+    finally:
+        shot(page, "ui_cancelled.png")
     assert ws.videos() == before
 
 

@@ -367,6 +367,10 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                 raise gr.Error(str(e)) from None
         return run
 
+    def cancel():
+        """Stop the running job at its next step; its own handler then reports "Cancelled" (one writer per status)."""
+        gr.Info(f"Cancelling {ws.cancel()} job(s)…")
+
     def sets_update(selected=None):
         names = ws.reference_sets()
         return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
@@ -532,7 +536,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             [train_status, loss_plot, trained],
         )
         train_event.then(lambda new: (identities_update([new] if new else None), identities_update()), trained, [identities, refine_ids])
-        cancel_train.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, train_status)
+        cancel_train.click(cancel, None, None)
         import_btn.click(guarded(lambda f: on_import_identity(ws, f)[1]), id_file, import_status).then(
             lambda: (identities_update(), identities_update()), None, [identities, refine_ids])
 
@@ -544,7 +548,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             [gen_status, gen_video, gen_settings],
         )
         gen_event.then(lambda current: videos_update(current), video_pick, [video_pick, library])
-        cancel_gen.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, gen_status)
+        cancel_gen.click(cancel, None, None)
 
         # videos
         def pick(name):
@@ -558,9 +562,9 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                 guarded_stream(lambda *a, stage=stage: on_refine(ws, a[:5], stage, *a[5:])),
                 refine_inputs, [refine_status, refine_video, refine_settings],
             ).then(lambda current: videos_update(current), video_pick, [video_pick, library])
-        cancel_refine.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, refine_status)
+        cancel_refine.click(cancel, None, None)
         eval_btn.click(guarded_stream(lambda *a: on_evaluate(ws, *a)), [video_pick, eval_set, clip_model, dino_model], [eval_status, lib_metrics])
-        cancel_eval.click(lambda: f"Cancelling {ws.cancel()} job(s)…", None, eval_status)
+        cancel_eval.click(cancel, None, None)
         refresh.click(lambda current: videos_update(current), video_pick, [video_pick, library])
 
         def pick_from_gallery(evt: gr.SelectData):
