@@ -176,8 +176,8 @@ def package_versions() -> dict[str, str]:
     for name in ("magicme", "torch", "diffusers", "transformers", "accelerate", "safetensors"):
         try:
             out[name] = version(name)
-        except PackageNotFoundError:
-            pass
+        except PackageNotFoundError:  # an optional package that is not installed is simply not recorded
+            continue
     return out
 
 
