@@ -6,6 +6,7 @@ Errors a user can cause (ValueError, FileNotFoundError, FileExistsError) print o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -416,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the libraries' notices (torchvision fallbacks, embedding resizes, dtype casts) are not the user's concern;
+    # magicme's own warnings still print. Set in main, not at import, and only where the user chose no level.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
