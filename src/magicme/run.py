@@ -315,9 +315,7 @@ def _evaluate(cfg: ChainConfig, options: dict, video: Path, out: dict[str, Path]
     from .evaluate import MetricModels, evaluate_video
 
     models = MetricModels(**{**cfg.metric_models, **options})
-    refs = out["prepare"] / "images"
-    scores = evaluate_video(video, refs if refs.is_dir() else out["prepare"], cfg.prompt, identity=out["train"],
-                            models=models, device=device)
+    scores = evaluate_video(video, out["prepare"] / "images", cfg.prompt, identity=out["train"], models=models, device=device)
     record = {"video": str(video), "prompt": cfg.prompt, "metric_models": _jsonable(models), "scores": scores}
     fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=out["evaluate"].parent)
     with os.fdopen(fd, "w") as fh:

@@ -134,6 +134,20 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+
+def step_reporter(report: Callable[[dict], None], check: Callable[[], None], total: int | None = None):
+    """A diffusers `callback_on_step_end` that reports the running step count and stops a cancelled job."""
+    done = 0
+
+    def on_step(pipe, step, timestep, kwargs):
+        nonlocal done
+        done += 1
+        report({"step": done} if total is None else {"step": done, "steps": total})
+        check()
+        return kwargs
+
+    return on_step
+
 class Workspace:
     """One work directory, one model cache, one model job at a time."""
 
@@ -367,15 +381,7 @@ class Workspace:
 
         def work(check: Callable[[], None]) -> str:
             pipe = self.pipeline(cfg.models, [Path(p) for p in cfg.identities])
-            done = [0]
-
-            def on_step(pipe_, step, timestep, kwargs):
-                done[0] += 1
-                report({"step": done[0], "steps": total})
-                check()
-                return kwargs
-
-            generate(cfg, path, pipe=pipe, quiet=True, step_callback=on_step)
+            generate(cfg, path, pipe=pipe, quiet=True, step_callback=step_reporter(report, check, total))
             return path.name
 
         return self.run_job(work)
@@ -400,14 +406,7 @@ class Workspace:
 
         def work(check: Callable[[], None]) -> str:
             pipe = self.pipeline(cfg.models, [Path(p) for p in cfg.identities])
-            done = [0]
-
-            def on_step(pipe_, step, timestep, kwargs):
-                done[0] += 1
-                report({"step": done[0]})
-                check()
-                return kwargs
-
+            on_step = step_reporter(report, check)
             if stage == "face":
                 face_vcd(cfg, source, path, pipe=pipe, detector=detector, quiet=True, step_callback=on_step)
             else:
