@@ -239,7 +239,7 @@ def cmd_evaluate_suite(args) -> None:
         height=args.height, width=args.width, base=args.base, motion_adapter=args.motion_adapter,
         base_config=args.base_config, scheduler=args.scheduler, clip_model=args.clip_model, dino_model=args.dino_model,
         batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
-        video_format=args.video_format,
+        video_format=args.video_format, dtype=args.dtype,
     ))
     run = run_suite(cfg, args.results, videos=args.videos, quiet=args.quiet, device=args.device)
     print(f"process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-config", default=None)
     g.add_argument("--scheduler", default=None)
     g.add_argument("--device", default=None, help="default: this process's accelerate device")
+    g.add_argument("--dtype", default=None, help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32; part of the configuration")
     p.set_defaults(func=cmd_evaluate_suite)
 
     p = sub.add_parser("report", help="Markdown + HTML report of results files: Table-1 layout, γ sweep plot, contact sheets")
