@@ -163,7 +163,7 @@ def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in windows)")
+    p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in overlapping, blended windows)")
     p.add_argument("--out", default=out, help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
@@ -239,7 +239,7 @@ def cmd_evaluate_suite(args) -> None:
         height=args.height, width=args.width, base=args.base, motion_adapter=args.motion_adapter,
         base_config=args.base_config, scheduler=args.scheduler, clip_model=args.clip_model, dino_model=args.dino_model,
         batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
-        video_format=args.video_format,
+        video_format=args.video_format, dtype=args.dtype,
     ))
     run = run_suite(cfg, args.results, videos=args.videos, quiet=args.quiet, device=args.device)
     print(f"process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
@@ -340,10 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_v2v_args(p, strength=0.2, out="magicme-upscaled.mp4")
     p.add_argument("--scale", type=int, default=2, help="2 or 4")
     p.add_argument("--upscaler", default=None, help="ESRGAN/Real-ESRGAN RRDBNet .pth or .safetensors (default: Lanczos)")
-    p.add_argument("--tile", type=int, default=None, help="tile side in px, multiple of 8 (default: the model's, 512)")
+    p.add_argument("--tile", type=int, default=None, help="tile side in px, multiple of 8 (default: the model's, 512); the fewest tiles, widened by < --overlap to share it")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: tile / 8)")
     p.add_argument("--tile-batch", type=int, default=4, help="tiles denoised together (peak memory grows with it)")
-    p.add_argument("--controlnet", default=None, help="ControlNet Tile: hub id or folder (default: lllyasviel/control_v11f1e_sd15_tile)")
+    p.add_argument("--controlnet", default=None, help="ControlNet Tile: hub id or folder (default: lllyasviel/control_v11f1e_sd15_tile); none: without")
     p.add_argument("--controlnet-scale", type=float, default=1.0)
     p.set_defaults(func=cmd_upscale)
 
@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-config", default=None)
     g.add_argument("--scheduler", default=None)
     g.add_argument("--device", default=None, help="default: this process's accelerate device")
+    g.add_argument("--dtype", default=None, help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32; part of the configuration")
     p.set_defaults(func=cmd_evaluate_suite)
 
     p = sub.add_parser("report", help="Markdown + HTML report of results files: Table-1 layout, γ sweep plot, contact sheets")

@@ -19,7 +19,7 @@ import torch
 
 from .identity import check_prompt_tokens, load_identities, read_identity_info
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
-from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
+from .models import PRESETS, TINY, ModelSpec, fingerprint, load_pipeline, native_resolution, scheduler_record
 from .noise_prior import check_gamma, noise_prior
 from .video import check_output_path, output_kind, write_sidecar, write_video
 
@@ -91,8 +91,12 @@ class GenerateConfig:
             self.frames, self.context_length, self.context_stride, self.window_weighting, travel=bool(self.prompt_at)
         )
 
-    def size(self) -> tuple[int, int]:
-        native = TinyPreset().resolution if self.models.base == TINY else 512
+    def size(self, pipe=None) -> tuple[int, int]:
+        """(height, width): the given ones, else the base model's native side (UNet sample_size × VAE scale:
+        SD-1.5 512, SD-2 768, tiny 64), read from `pipe` when loaded, else from the base's configs."""
+        if self.height and self.width:
+            return self.height, self.width
+        native = native_resolution(self.models, pipe)
         return self.height or native, self.width or native
 
 
@@ -197,10 +201,10 @@ def generate(
     cfg.check()
     cfg = cfg.resolved()
     paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
-    height, width = cfg.size()
     windows = cfg.window_plan()
     if pipe is None:
         pipe = load_pipeline(cfg.models, device=device)
+    height, width = cfg.size(pipe)
     load_identities(pipe, cfg.identities)
     pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
     jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]

@@ -336,6 +336,30 @@ class ModelSpec:
         return str(local) if local.is_dir() else DEFAULT_MOTION_ADAPTER
 
 
+def native_resolution(spec: ModelSpec, pipe=None) -> int:
+    """The side in px the base model was trained at: UNet sample_size × VAE scale (SD-1.5 512, SD-2 768, tiny 64).
+
+    Read from `pipe` when it is loaded, else from the base's configs (no weights are read; a single-file
+    checkpoint is described by `base_config`, as `load_base` does).
+    """
+    if pipe is not None:
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    if spec.base == TINY:
+        return TinyPreset().resolution
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    source = (spec.base_config or DEFAULT_BASE) if _is_single_file(spec.base) else spec.base
+    name, is_local = _resolve("base model", source)
+    try:
+        unet = UNet2DConditionModel.load_config(name, subfolder="unet")
+        vae = AutoencoderKL.load_config(name, subfolder="vae")
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the local folder is not a readable diffusers model" if is_local else "not reachable on the hub"
+        raise _not_found("base model", source, f"{where} ({first})") from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available)."""
     from diffusers import AnimateDiffPipeline
