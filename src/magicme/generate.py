@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .identity import check_prompt_tokens, load_identities, read_identity_info
+from .identity import check_prompt_tokens, identity_record, load_identities, read_identity_info
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
 from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
 from .noise_prior import check_gamma, noise_prior
@@ -244,9 +244,8 @@ def run_record(
             models["lora"] = {"weights": PRESETS[spec.preset].lora, "scale": PRESETS[spec.preset].lora_scale}
         if spec.base_config:
             models["base_config"] = spec.base_config
-    models["identities"] = [
-        {**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities
-    ]
+    models |= spec.formats_record()
+    models["identities"] = [identity_record(p) for p in cfg.identities]
     skip = ("prompts", "seeds", "models", "height", "width", "identities", "prompt_at")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings}

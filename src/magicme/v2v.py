@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .generate import check_gamma_arg
-from .identity import check_prompt_tokens, load_identities, read_identity_info
+from .identity import check_prompt_tokens, identity_record, load_identities, read_identity_info
 from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
 from .noise_prior import correlate_frames
 from .video import check_output_path, read_video, write_sidecar, write_video
@@ -298,7 +298,8 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> di
             models["motion_adapter"]["weights"] = spec.adapter_weights()
         if spec.base_config:
             models["base_config"] = spec.base_config
-    models["identities"] = [{**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities]
+    models |= spec.formats_record()
+    models["identities"] = [identity_record(p) for p in cfg.identities]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("models", "identities")}
     source = {"path": str(Path(video).resolve()), "frames": shape[0], "height": shape[1], "width": shape[2]}
     return {"task": task, "input": source, "models": models, **settings, **extra}
