@@ -473,10 +473,11 @@ def load_preset_lora(pipe, spec: ModelSpec, preset: SpeedPreset) -> None:
 
 def skip_text_layers(text_encoder, n: int) -> None:
     """Drop the text encoder's last `n` layers: its output is then layer −(n+1), final-norm'd (diffusers' clip_skip)."""
-    layers = text_encoder.text_model.encoder.layers
+    encoder = getattr(text_encoder, "text_model", text_encoder).encoder  # transformers 5 dropped `text_model`
+    layers = encoder.layers
     if n >= len(layers):
         raise ValueError(f"--clip-skip {n}: the text encoder has only {len(layers)} layers")
-    text_encoder.text_model.encoder.layers = layers[: len(layers) - n]
+    encoder.layers = layers[: len(layers) - n]
     text_encoder.config.num_hidden_layers = len(layers) - n
 
 
