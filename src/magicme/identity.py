@@ -98,12 +98,12 @@ def _magicme_info(path: Path) -> IdentityInfo | None:
     return IdentityInfo.from_metadata(meta, path)
 
 
-def _foreign(path: Path, token: str | None) -> tuple[torch.Tensor, IdentityInfo]:
+def _foreign(path: Path, token: str | None, need_token: bool = True) -> tuple[torch.Tensor, IdentityInfo]:
     from .embeddings import read_embedding
 
     e = read_embedding(path)
-    token = token or e.token
-    if not token:
+    token = token or e.token or ""
+    if not token and need_token:
         raise ValueError(
             f"--identity {str(path)!r} names no token ({e.source} embedding): give it one with --token, "
             f"e.g. --token '<{path.stem}>', or as --identity '<{path.stem}>={path}'"
@@ -130,7 +130,7 @@ def read_identity(spec: str | Path) -> tuple[torch.Tensor, IdentityInfo]:
 
     path, token = split_spec(spec)
     info = read_identity_info(spec)
-    if info.source == "magicme" and _magicme_info(path) is not None:
+    if _magicme_info(path) is not None:
         return load_file(str(path))[EMBEDDING_KEY], info
     return _foreign(path, token)
 
@@ -153,6 +153,35 @@ def identity_record(spec: str | Path) -> dict:
     from .models import fingerprint
 
     return {**fingerprint(str(split_spec(spec)[0])), "token": read_identity_info(spec).token}
+
+
+def convert_identity(src: str | Path, out: str | Path, token: str | None = None, class_word: str | None = None) -> Path:
+    """`magicme identity convert`: any supported identity file → magicme's .safetensors (never over an existing file)."""
+    out = Path(out)
+    spec = f"{token}={src}" if token else str(src)
+    emb, info = read_identity(spec)
+    if out.exists():
+        raise FileExistsError(f"OUT {str(out)!r} exists; choose a new file name")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"OUT {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    info = replace(info, class_word=class_word if class_word is not None else info.class_word, hidden_size=emb.shape[1])
+    return save_identity(out, emb, info)
+
+
+def describe_identity(spec: str | Path) -> dict:
+    """`magicme identity info`: what the file holds and what it says about itself."""
+    from .models import fingerprint
+
+    path, token = split_spec(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"FILE {str(path)!r} does not exist")
+    emb, info = read_identity(spec) if _magicme_info(path) else _foreign(path, token, need_token=False)
+    return {
+        "file": str(path), "format": info.source, "token": info.token, "vectors": emb.shape[0], "width": emb.shape[1],
+        "class_word": info.class_word, "base": info.base, "base_fingerprint": info.base_fingerprint,
+        "steps": info.steps, "norms": [round(float(n), 4) for n in emb.norm(dim=1)],
+        "fingerprint": fingerprint(str(path)).get("fingerprint", ""),
+    }
 
 
 def token_pattern(token: str) -> re.Pattern:
@@ -188,7 +217,7 @@ def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
     """
     infos = [read_identity_info(p) for p in paths]
     check_prompt_tokens([], infos)
-    added = set(pipe.tokenizer.get_added_vocab())
+    added = set(pipe.tokenizer.get_added_vocab()) - set(pipe.tokenizer.all_special_tokens)
     vocab = pipe.tokenizer.get_vocab()
     hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     for spec, info in zip(paths, infos):
