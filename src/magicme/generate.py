@@ -19,7 +19,9 @@ import torch
 
 from .identity import check_prompt_tokens, identity_record, load_identities, read_identity_info
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
-from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
+from .models import (
+    PRESETS, TINY, ModelSpec, TinyPreset, check_motion_frames, fingerprint, load_pipeline, scheduler_record,
+)
 from .noise_prior import check_gamma, noise_prior
 from .video import check_output_path, output_kind, write_sidecar, write_video
 
@@ -70,7 +72,8 @@ class GenerateConfig:
         self.models.check()
         for prompt in self.jobs_prompts():
             prompt_schedule(prompt, self.prompt_at, self.frames)
-        self.window_plan()
+        plan = self.window_plan()
+        self.models.check_frames(plan.length if plan else self.frames, "--context-length" if plan else "--frames")
         check_prompt_tokens([*self.prompts, *self.prompt_at.values()], [read_identity_info(p) for p in self.identities])
 
     def resolved(self) -> "GenerateConfig":
@@ -201,6 +204,8 @@ def generate(
     windows = cfg.window_plan()
     if pipe is None:
         pipe = load_pipeline(cfg.models, device=device)
+    check_motion_frames(windows.length if windows else cfg.frames, pipe.unet.config.get("motion_max_seq_length"),
+                        "--context-length" if windows else "--frames")
     load_identities(pipe, cfg.identities)
     pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
     jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]

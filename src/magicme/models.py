@@ -400,15 +400,15 @@ class ModelSpec:
             return int(json.loads(config.read_text()).get("motion_max_seq_length", 32))
         return None
 
-    def check_frames(self, frames: int, flag: str, maximum: int | None = None) -> None:
-        """Refuse more frames in one motion-module pass than the module was built for (its positional table)."""
-        maximum = maximum or self.max_frames()
-        if maximum is not None and frames > maximum:
-            raise ValueError(
-                f"{flag} {frames} is above the motion module's maximum of {maximum} frames "
-                f"(motion_max_seq_length of {self.adapter_name() if self.base != TINY else 'the tiny preset'}); "
-                f"use at most {maximum}"
-            )
+    def check_frames(self, frames: int, flag: str) -> None:
+        """Refuse more frames in one motion-module pass than the module was built for, where its config is local."""
+        check_motion_frames(frames, self.max_frames(), flag)
+
+
+def check_motion_frames(frames: int, maximum: int | None, flag: str) -> None:
+    """A motion module attends over at most `maximum` frames (motion_max_seq_length: its positional table)."""
+    if maximum is not None and frames > maximum:
+        raise ValueError(f"{flag} {frames} is above the motion module's maximum of {maximum} frames; use at most {maximum}")
 
 
 def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):

@@ -18,7 +18,7 @@ import torch
 
 from .generate import check_gamma_arg
 from .identity import check_prompt_tokens, identity_record, load_identities, read_identity_info
-from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
+from .models import TINY, ModelSpec, TinyPreset, check_motion_frames, fingerprint, load_pipeline
 from .noise_prior import correlate_frames
 from .video import check_output_path, read_video, write_sidecar, write_video
 
@@ -176,6 +176,7 @@ def partial_denoise_windows(pipe, clips: np.ndarray, prompt: str, *, context: in
     Window w of clip i is seeded with seeds[i] + w·context, so each window's noise is its own.
     """
     frames = clips.shape[1]
+    check_motion_frames(min(context, frames), pipe.unet.config.get("motion_max_seq_length"), "--context")
     parts = [
         partial_denoise(pipe, clips[:, s : s + context], prompt, seeds=[seed + s for seed in seeds], **kwargs)
         for s in range(0, frames, context)
@@ -222,6 +223,8 @@ def check_common(cfg) -> None:
     if not cfg.guidance >= 0:
         raise ValueError(f"--guidance must be >= 0, got {cfg.guidance!r}")
     cfg.models.check()
+    if isinstance(cfg.context, int):
+        cfg.models.check_frames(cfg.context, "--context")
     check_prompt_tokens([cfg.prompt], [read_identity_info(p) for p in cfg.identities])
 
 
