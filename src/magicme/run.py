@@ -118,6 +118,15 @@ def load_chain_config(path: str | Path, **overrides) -> ChainConfig:
         value = models.get(key)
         if value and value != "tiny" and (root / value).exists():  # relative local paths are relative to the file
             models[key] = str(root / value)
+    for key in ("loras", "motion_loras"):  # "FILE[:SCALE]" entries, files relative to the config file
+        from .lora import parse_lora
+
+        entries = [models[key]] if isinstance(models.get(key), str) else list(models.get(key) or [])
+        for i, entry in enumerate(entries):
+            file, scale = parse_lora(str(entry))
+            if (root / file).exists():
+                entries[i] = f"{root / file}:{scale}"
+        models[key] = tuple(entries)
     stages: dict[str, dict | None] = {}
     for stage in STAGES:
         table = data.get(stage, {})
