@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pickle_payload import CreatesFile
 import magicme
 from magicme.cli import main
 from magicme.identity import (
@@ -91,18 +92,10 @@ def test_reference_pt_needs_a_token(files):
     assert (a1111.steps, a1111.source) == (400, "a1111") and "realisticVisionV51" in a1111.base
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickle_carrying_code_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
-    torch.save({"string_to_param": {"*": _vectors()}, "name": "<v*>", "x": _Payload(marker)}, path)
+    torch.save({"string_to_param": {"*": _vectors()}, "name": "<v*>", "x": CreatesFile(marker)}, path)
     with pytest.raises(ValueError, match="refused without running"):
         read_identity_info(path)
     assert not marker.exists()
@@ -180,3 +173,18 @@ def test_identity_cli_info_and_convert(files, tmp_path, capsys):
     again = tmp_path / "again.safetensors"
     convert_identity(files["reference"], again, token="<altman>", class_word="man")
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_long_prompt_keeps_the_identity_or_is_refused(tmp_path, caplog):
+    """77 CLIP tokens with 4 identity vectors: cutting ordinary words warns, cutting the identity is refused."""
+    from magicme.identity import check_prompt_length
+
+    pipe = _fresh()
+    ident = save_identity(tmp_path / "id.safetensors", _vectors(), IdentityInfo(token="<v*>", class_word="man", num_vectors=4))
+    load_identities(pipe, [ident])
+    filler = " ".join(["dog"] * 72)
+    check_prompt_length(pipe, f"a <v*> man {filler}")  # 3 + 3 + 72 words: the tail is cut
+    assert "ignoring" in caplog.text
+    with pytest.raises(ValueError, match="identity token '<v\\*>.*would be cut off"):
+        check_prompt_length(pipe, f"{filler} a <v*> man")
+    check_prompt_length(pipe, "a <v*> man")

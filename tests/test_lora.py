@@ -111,3 +111,24 @@ def test_run_record_names_each_lora_with_fingerprint_and_scale(lora, tmp_path):
     assert style["scale"] == 0.8 and len(style["fingerprint"]) == 16 and style["name"].endswith("style_kohya.safetensors")
     (motion,) = record["models"]["motion_loras"]
     assert motion["scale"] == 1.0 and motion["name"].endswith("v2_lora_ZoomIn.ckpt")
+
+
+def test_run_config_takes_loras_relative_to_the_file(lora, tmp_path):
+    import shutil
+
+    import yaml
+
+    from magicme.demo import write_sample_identity
+    from magicme.run import load_chain_config
+
+    write_sample_identity(tmp_path / "photos", count=1, size=64)
+    shutil.copy(lora["root"] / "style_kohya.safetensors", tmp_path / "style.safetensors")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "images": "photos", "class_word": "toy", "prompt": "a <v*> toy", "work_dir": "work",
+        "models": {"base": "tiny", "loras": ["style.safetensors:0.7"], "freeu": True, "clip_skip": 1},
+        "prepare": {"resolution": 64, "segmenter": {"method": "grabcut"}},
+    }))
+    cfg = load_chain_config(tmp_path / "run.yaml")
+    assert cfg.models.loras == (f"{tmp_path / 'style.safetensors'}:0.7",)
+    assert cfg.models.freeu == (1.5, 1.6, 0.9, 0.2) and cfg.models.clip_skip == 1
+    hash(cfg.models)  # the UI and the chain key loaded pipelines by the spec

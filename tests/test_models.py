@@ -155,3 +155,12 @@ def test_lcm_preset_with_local_adapter(tiny_model_dir, tmp_path):
     assert pipe.get_active_adapters() == ["lcm"]
     with pytest.raises(ModelNotFoundError, match="--preset lcm needs the AnimateLCM weights 'wangfuyun/AnimateLCM'"):
         load_pipeline(ModelSpec(base=str(tiny_model_dir), preset="lcm"), device="cpu")
+
+
+def test_tokenizer_of_clip_size():
+    from magicme.tokenizer import tiny_clip_tokenizer
+
+    small, big = tiny_clip_tokenizer(), tiny_clip_tokenizer(vocab_size=49408)
+    assert len(big) == 49408 and (big.bos_token_id, big.eos_token_id) == (49406, 49407)  # CLIP's own ids
+    text = "a photo of a dog running on the beach"
+    assert big(text).input_ids[1:-1] == small(text).input_ids[1:-1]

@@ -9,6 +9,7 @@ from diffusers import MotionAdapter
 from safetensors.torch import save_file
 
 from animatediff_checkpoint import adapter_to_original, random_adapter
+from pickle_payload import CreatesFile
 from magicme.generate import generate_video
 from magicme.models import ModelSpec, load_motion_adapter, load_pipeline
 
@@ -79,21 +80,11 @@ def test_a_file_that_is_not_a_motion_module_says_what_it_holds(tmp_path, tiny_mo
         load_motion_adapter(str(sd))
 
 
-class _Payload:
-    """Unpickling this would create a file: proof that loading ran code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_pickle_carrying_code_is_refused_without_running(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "mm_sd_v15_v2.ckpt"
     with open(path, "wb") as fh:
-        torch.save({"down_blocks.0.motion_modules.0.temporal_transformer.norm.weight": torch.zeros(2), "x": _Payload(marker)}, fh)
+        torch.save({"down_blocks.0.motion_modules.0.temporal_transformer.norm.weight": torch.zeros(2), "x": CreatesFile(marker)}, fh)
     assert not marker.exists()
     with pytest.raises(ValueError, match="refused without running it.*io.open|would call"):
         load_motion_adapter(str(path))

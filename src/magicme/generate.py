@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .identity import check_prompt_tokens, identity_record, load_identities, read_identity_info
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
 from .models import (
     PRESETS, TINY, ModelSpec, TinyPreset, check_motion_frames, fingerprint, load_pipeline, scheduler_record,
@@ -140,6 +140,9 @@ def generate_video(
     `prompt_at` (frame → prompt) travels between prompts; `windows` (see `long_video.plan_windows`)
     runs FreeNoise windows; `free_init` runs that many FreeInit iterations. None of them: stock AnimateDiff.
     """
+    for text in [prompt, *(prompt_at or {}).values(), negative_prompt]:
+        if text:
+            check_prompt_length(pipe, text)
     if prompt_at:
         prompt = prompt_schedule(prompt, prompt_at, frames)  # FreeNoise blends the prompts between frames
         windows = windows or plan_windows(frames, None, 4, "pyramid", travel=True)

@@ -249,6 +249,33 @@ def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
     return infos
 
 
+def check_prompt_length(pipe, prompt: str) -> None:
+    """CLIP reads 77 tokens (75 words + start/end); each identity token expands to K. Decide before encoding:
+    a prompt whose identity vectors would fall past the limit is refused (the subject would silently vanish);
+    one that loses only ordinary words is truncated as Stable Diffusion always does, with a warning naming them.
+    """
+    import logging
+
+    tokenizer = pipe.tokenizer
+    text = pipe.maybe_convert_prompt(prompt, tokenizer)  # the K-vector expansion the pipeline will apply
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return
+    special = set(tokenizer.all_special_tokens)
+    ours = {i for t, i in tokenizer.get_added_vocab().items() if t not in special}
+    lost = [i for i in ids[limit - 1 : -1] if i in ours]
+    words = len(ids) - 2
+    if lost:
+        token = tokenizer.convert_ids_to_tokens(lost[0])
+        raise ValueError(
+            f"--prompt {prompt[:60]!r}… is {words} tokens with the identity vectors expanded; the text encoder reads "
+            f"{limit - 2}, so identity token {token!r} would be cut off: shorten the prompt or put the token earlier"
+        )
+    cut = tokenizer.decode(ids[limit - 1 : -1]).strip()
+    logging.getLogger(__name__).warning("prompt is %d tokens, the text encoder reads %d: ignoring %r", words, limit - 2, cut)
+
+
 def check_resume_compatible(path: str | Path, saved: IdentityInfo, wanted: IdentityInfo, saved_base: dict, wanted_base: dict) -> None:
     """A training checkpoint may only continue the same identity (token, vectors, class word) on the same base model."""
     for field_name in ("token", "num_vectors", "class_word", "hidden_size"):

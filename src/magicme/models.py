@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,40 @@ def tiny_components(preset: TinyPreset = TinyPreset()) -> dict:
         motion_adapter=motion_adapter,
         scheduler=make_scheduler("ddim"),
     )
+
+
+def sd15_components(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """SD-1.5's real configs with random weights: UNet (859 M), CLIP ViT-L/14 text encoder (123 M, 49,408-token
+    vocabulary), VAE (84 M), the AnimateDiff v1.5-2 motion adapter (453 M) and a tokenizer of CLIP's size.
+
+    For real-size runs without downloads (memory, dtypes, sizes the tiny preset cannot show). Each model is
+    built and cast before the next, so the peak is about one fp32 model above the result.
+    """
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer(vocab_size=49408)
+    builders = {
+        "unet": lambda: UNet2DConditionModel(sample_size=64, cross_attention_dim=768),  # the rest is SD-1.5's default
+        "motion_adapter": lambda: MotionAdapter(),  # mm_sd_v15_v2's config
+        "vae": lambda: AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+        ),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )),
+    }
+    parts = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, build in builders.items():
+            parts[name] = build().to(dtype=dtype).eval()
+    return dict(parts, tokenizer=tokenizer, scheduler=make_scheduler("ddim"))
 
 
 def save_tiny_model(folder: str | Path, preset: TinyPreset = TinyPreset()) -> Path:
@@ -413,11 +448,6 @@ def check_motion_frames(frames: int, maximum: int | None, flag: str) -> None:
 
 def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available)."""
-    from diffusers import AnimateDiffPipeline
-
-    from .lora import apply_loras
-    from .motion import check_adapter_fits
-
     spec.check()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or spec.speed.torch_dtype(device)
@@ -432,9 +462,25 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dty
             if spec.motion_adapter is None and preset.motion_adapter:
                 raise _preset_missing(preset, preset.motion_adapter + (f"/{preset.adapter_weights}" if preset.adapter_weights else "")) from None
             raise e from None
-        check_adapter_fits(parts["motion_adapter"], parts["unet"], spec.adapter_name())
+    return apply_speed_options(assemble_pipeline(parts, spec, dtype), spec.speed, device)
+
+
+def assemble_pipeline(parts: dict, spec: ModelSpec, dtype: torch.dtype):
+    """Components (vae, text_encoder, tokenizer, 2D unet, motion_adapter, scheduler; consumed) → the pipeline of `spec`:
+    its scheduler, the preset's and the user's LoRAs, clip skip and FreeU, in `dtype`, on the components' device."""
+    from diffusers import AnimateDiffPipeline, UNetMotionModel
+
+    from .lora import apply_loras
+    from .motion import check_adapter_fits
+
+    preset = PRESETS[spec.preset]
+    check_adapter_fits(parts["motion_adapter"], parts["unet"], spec.adapter_name())
     parts["scheduler"] = make_scheduler(spec.scheduler_name(), dict(parts["scheduler"].config))
-    pipe = AnimateDiffPipeline(**parts)
+    with default_dtype(dtype):  # from_unet2d builds in the default dtype: an fp32 copy of SD-1.5's would be 5 GB more
+        parts["unet"] = UNetMotionModel.from_unet2d(parts.pop("unet"), parts.pop("motion_adapter"))
+    # the adapter's weights now live in the UNet; the pipeline keeping the adapter too would double them
+    pipe = AnimateDiffPipeline(**parts, motion_adapter=None)
+    parts.clear()
     preset_lora = None
     if preset.lora and spec.base != TINY:  # the tiny preset keeps its own random adapter and no LoRA
         load_preset_lora(pipe, spec, preset)
@@ -447,7 +493,18 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dty
         pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
     if pipe.unet.dtype != dtype or spec.loras or spec.motion_loras:  # tiny is built in fp32; LoRA layers load in theirs
         pipe.to(dtype=dtype)
-    return apply_speed_options(pipe, spec.speed, device)
+    return pipe
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Tensors created inside are `dtype` (floating types only); the previous default comes back after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _preset_missing(preset: SpeedPreset, what: str) -> ModelNotFoundError:

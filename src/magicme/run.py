@@ -185,8 +185,9 @@ def build_stage_configs(cfg: ChainConfig) -> dict[str, Any]:
                   identities=[str(out["train"])], models=cfg.models)
     configs: dict[str, Any] = {
         "prepare": PrepareConfig(images=cfg.images, class_word=cfg.class_word, out=out["prepare"], **prep),
+        # the identity trains on the plain base; the LoRAs join at generation (the paper's "mix and match")
         "train": TrainConfig(data=out["prepare"], token=cfg.token, class_word=cfg.class_word, out=out["train"],
-                             models=cfg.models, seed=cfg.seed, **train_opts),
+                             models=dataclasses.replace(cfg.models, loras=()), seed=cfg.seed, **train_opts),
         "generate": GenerateConfig(prompts=[cfg.prompt], negative_prompt=cfg.negative_prompt, seeds=[cfg.seed],
                                    gamma=cfg.gamma, identities=[str(out["train"])], models=cfg.models, **st["generate"]),
     }

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .generate import check_gamma_arg
-from .identity import check_prompt_tokens, identity_record, load_identities, read_identity_info
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info
 from .models import TINY, ModelSpec, TinyPreset, check_motion_frames, fingerprint, load_pipeline
 from .noise_prior import correlate_frames
 from .video import check_output_path, read_video, write_sidecar, write_video
@@ -146,6 +146,9 @@ def partial_denoise(
     clips = np.asarray(clips, dtype=np.float32)
     assert clips.ndim == 5 and clips.shape[-1] == 3 and len(seeds) == clips.shape[0], clips.shape
     b, f, h, w, _ = clips.shape
+    for text in (prompt, negative_prompt):
+        if text:
+            check_prompt_length(pipe, text)
     device = pipe._execution_device
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     video = pipe.video_processor.preprocess_video(clips, height=h, width=w)  # (B, 3, F, H, W) in [-1, 1]
