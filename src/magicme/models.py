@@ -369,7 +369,7 @@ class ModelSpec:
             raise ValueError(f"--freeu takes four numbers >= 0 (b1,b2,s1,s2, e.g. {','.join(map(str, FREEU_SD15))}), got {self.freeu!r}")
         if not isinstance(self.clip_skip, int) or isinstance(self.clip_skip, bool) or self.clip_skip < 0:
             raise ValueError(f"--clip-skip must be an integer >= 0, got {self.clip_skip!r}")
-        if self.base != TINY and (PRESETS[self.preset].lora or self.loras or self.motion_loras):
+        if (PRESETS[self.preset].lora and self.base != TINY) or self.loras or self.motion_loras:
             import importlib.util
 
             if importlib.util.find_spec("peft") is None:
