@@ -132,3 +132,34 @@ def test_run_config_takes_loras_relative_to_the_file(lora, tmp_path):
     assert cfg.models.loras == (f"{tmp_path / 'style.safetensors'}:0.7",)
     assert cfg.models.freeu == (1.5, 1.6, 0.9, 0.2) and cfg.models.clip_skip == 1
     hash(cfg.models)  # the UI and the chain key loaded pipelines by the spec
+
+
+def test_cli_wires_every_format_option(lora, tmp_path, tiny_model_dir, capsys):
+    """One `magicme generate` with a reference-layout identity, --token, a LoRA, a motion LoRA, FreeU, clip skip,
+    DPM++ 2M Karras and an original-layout motion module; then one-line errors for wrong files."""
+    from animatediff_checkpoint import adapter_to_original, random_adapter
+    from magicme.cli import main
+
+    root = lora["root"]
+    ref = tmp_path / "last.pt"
+    torch.save({"string_to_param": {"*": torch.randn(4, 32)}}, ref)
+    adapter = random_adapter(max_frames=24, mid_block=False)
+    torch.save(adapter_to_original(adapter.state_dict()), tmp_path / "mm_sd_v15.ckpt")
+    out = tmp_path / "clip.gif"
+    args = ["generate", "--prompt", "a <me> man", "--identity", str(ref), "--token", "<me>", "--frames", "2", "--steps", "2",
+            "--lora", f"{root / 'style_kohya.safetensors'}:0.5", "--motion-lora", str(root / "v2_lora_ZoomIn.ckpt"),
+            "--freeu", "--clip-skip", "1", "--scheduler", "dpmpp-2m-karras", "--base", str(tiny_model_dir),
+            "--motion-adapter", str(tmp_path / "mm_sd_v15.ckpt"), "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    models = read_sidecar(out)["models"]
+    assert models["identities"][0]["token"] == "<me>" and models["loras"][0]["scale"] == 0.5
+    assert models["freeu"] == {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2} and models["clip_skip"] == 1
+    assert models["scheduler_config"]["use_karras_sigmas"] is True
+    assert main(args[:-1] + [str(tmp_path / "b.gif"), "--frames", "30", "--context-length", "30"]) == 2  # v1: 24 frames
+    assert "maximum of 24 frames" in capsys.readouterr().err
+    bad = ["generate", "--prompt", "a dog", "--frames", "2", "--steps", "1", "--out", str(tmp_path / "c.gif"), "--quiet"]
+    assert main(bad + ["--lora", str(root / "v2_lora_ZoomIn.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--motion-lora" in err
+    assert main(bad + ["--base", str(tiny_model_dir), "--motion-adapter", str(root / "style_kohya.safetensors")]) == 2
+    assert "not a motion module: it holds a LoRA" in capsys.readouterr().err

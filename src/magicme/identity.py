@@ -139,7 +139,12 @@ def with_token(identities: list[str], token: str | None) -> list[str]:
     """`--token T`: the word for the one `--identity` file that names none (others keep theirs)."""
     if token is None:
         return identities
-    bare = [s for s in identities if split_spec(s)[1] is None and _magicme_info(split_spec(s)[0]) is None]
+
+    def names_none(spec) -> bool:
+        path, given = split_spec(spec)
+        return given is None and path.is_file() and _magicme_info(path) is None and not _foreign(path, None, need_token=False)[1].token
+
+    bare = [s for s in identities if names_none(s)]
     if len(bare) != 1:
         raise ValueError(
             f"--token {token!r} names the token of the one --identity file without its own; {len(bare)} such files "
