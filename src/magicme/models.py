@@ -476,10 +476,11 @@ def assemble_pipeline(parts: dict, spec: ModelSpec, dtype: torch.dtype):
     preset = PRESETS[spec.preset]
     check_adapter_fits(parts["motion_adapter"], parts["unet"], spec.adapter_name())
     parts["scheduler"] = make_scheduler(spec.scheduler_name(), dict(parts["scheduler"].config))
+    adapter = parts.pop("motion_adapter")
     with default_dtype(dtype):  # from_unet2d builds in the default dtype: an fp32 copy of SD-1.5's would be 5 GB more
-        parts["unet"] = UNetMotionModel.from_unet2d(parts.pop("unet"), parts.pop("motion_adapter"))
-    # the adapter's weights now live in the UNet; the pipeline keeping the adapter too would double them
-    pipe = AnimateDiffPipeline(**parts, motion_adapter=None)
+        parts["unet"] = UNetMotionModel.from_unet2d(parts.pop("unet"), adapter)
+    share_motion_modules(adapter, parts["unet"])
+    pipe = AnimateDiffPipeline(**parts, motion_adapter=adapter)
     parts.clear()
     preset_lora = None
     if preset.lora and spec.base != TINY:  # the tiny preset keeps its own random adapter and no LoRA
@@ -494,6 +495,17 @@ def assemble_pipeline(parts: dict, spec: ModelSpec, dtype: torch.dtype):
     if pipe.unet.dtype != dtype or spec.loras or spec.motion_loras:  # tiny is built in fp32; LoRA layers load in theirs
         pipe.to(dtype=dtype)
     return pipe
+
+
+def share_motion_modules(adapter, unet) -> None:
+    """Point the adapter at the UNet's motion modules: from_unet2d copied them, and the pipeline keeps the adapter
+    (FreeNoise reads its config), so two copies would stay in memory (0.9 GB in fp16 for SD-1.5)."""
+    for mine, theirs in zip(adapter.down_blocks, unet.down_blocks):
+        mine.motion_modules = theirs.motion_modules
+    for mine, theirs in zip(adapter.up_blocks, unet.up_blocks):
+        mine.motion_modules = theirs.motion_modules
+    if getattr(adapter, "mid_block", None) is not None:
+        adapter.mid_block.motion_modules = unet.mid_block.motion_modules
 
 
 @contextmanager
