@@ -227,8 +227,11 @@ def make_scheduler(name: str, base_config: dict | None = None):
 
 def scheduler_record(scheduler) -> dict:
     """The scheduler a pipeline actually holds, for the run record."""
-    keys = ("beta_schedule", "timestep_spacing", "steps_offset", "prediction_type", "use_karras_sigmas")
-    return {"class": type(scheduler).__name__, **{k: scheduler.config.get(k) for k in keys if k in scheduler.config}}
+    keys = ("beta_schedule", "timestep_spacing", "steps_offset", "prediction_type")
+    out = {"class": type(scheduler).__name__, **{k: scheduler.config.get(k) for k in keys if k in scheduler.config}}
+    if scheduler.config.get("use_karras_sigmas"):
+        out["use_karras_sigmas"] = True
+    return out
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
