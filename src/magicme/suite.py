@@ -355,25 +355,11 @@ def subject_fingerprints(cfg: SuiteConfig) -> dict[str, dict]:
 
 
 def use_identity(pipe, path: Path, loaded: dict[str, Path]) -> IdentityInfo:
-    """Make `path` the identity its token means in `pipe` (stock load_textual_inversion the first time;
-    two subjects may share a token, e.g. a masked and an unmasked training of one subject)."""
-    import torch
+    """Make `path` the identity its token means in `pipe` (two subjects may share a token, e.g. a masked
+    and an unmasked training of one subject: `load_identities` then replaces the vectors)."""
+    from .identity import load_identities
 
-    from .identity import load_identities, read_identity
-
-    info = read_identity_info(path)
-    if info.token not in loaded:
-        load_identities(pipe, [path])
-    elif loaded[info.token] != path:
-        emb, _ = read_identity(path)
-        tokens = [info.token] + [f"{info.token}_{i}" for i in range(1, info.num_vectors)]
-        ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
-        known = [t for t in pipe.tokenizer.get_vocab() if t == info.token or t.startswith(info.token + "_")]
-        if len(known) != info.num_vectors or pipe.tokenizer.unk_token_id in ids:
-            raise ValueError(f"identity {str(path)!r} reuses token {info.token!r} with another number of vectors; retrain it with another --token")
-        with torch.no_grad():
-            weight = pipe.text_encoder.get_input_embeddings().weight
-            weight[ids] = emb.to(weight.device, weight.dtype)
+    (info,) = load_identities(pipe, [path])
     loaded[info.token] = path
     return info
 

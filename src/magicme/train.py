@@ -227,6 +227,13 @@ def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch
 
     parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
     parts.pop("motion_adapter", None)
+    if spec.loras:  # optional: the identity is then learned on the LoRA'd model (frozen like the rest)
+        from diffusers import StableDiffusionPipeline
+
+        from .lora import apply_loras
+
+        sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        apply_loras(sd, spec.loras)
     parts["noise_scheduler"] = DDPMScheduler.from_config(parts.pop("scheduler").config)
     for name in ("vae", "unet", "text_encoder"):
         m = parts[name]
@@ -372,6 +379,7 @@ class IdTrainer:
             steps=steps,
             hidden_size=int(self.id_tokens.embeddings.shape[1]),
             masked=self.cfg.masked,
+            base_fingerprint=fingerprint(self.cfg.models.base).get("fingerprint", ""),
         )
 
     def state_record(self) -> dict:
@@ -556,7 +564,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
-        "models": {"base": fingerprint(cfg.models.base)},
+        "models": {"base": fingerprint(cfg.models.base)} | cfg.models.formats_record(),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
     }

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from .generate import check_gamma_arg
-from .identity import check_prompt_tokens, load_identities, read_identity_info
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info
 from .long_video import plan_windows, windowed
-from .models import TINY, ModelSpec, fingerprint, load_pipeline, native_resolution
+from .models import TINY, ModelSpec, check_motion_frames, fingerprint, load_pipeline, native_resolution
 from .noise_prior import correlate_frames
 from .video import check_output_path, read_video, write_sidecar, write_video
 
@@ -148,6 +148,9 @@ def partial_denoise(
     clips = np.asarray(clips, dtype=np.float32)
     assert clips.ndim == 5 and clips.shape[-1] == 3 and len(seeds) == clips.shape[0], clips.shape
     b, f, h, w, _ = clips.shape
+    for text in (prompt, negative_prompt):
+        if text:
+            check_prompt_length(pipe, text)
     device = pipe._execution_device
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     video = pipe.video_processor.preprocess_video(clips, height=h, width=w)  # (B, 3, F, H, W) in [-1, 1]
@@ -182,6 +185,7 @@ def partial_denoise_windows(pipe, clips: np.ndarray, prompt: str, *, context: in
     prompt per call).
     """
     b, frames = clips.shape[:2]
+    check_motion_frames(min(context, frames), pipe.unet.config.get("motion_max_seq_length"), "--context")
     if frames <= context:
         return partial_denoise(pipe, clips, prompt, seeds=seeds, **kwargs)
     plan = plan_windows(frames, context, max(1, context // 4), "pyramid")
@@ -231,6 +235,8 @@ def check_common(cfg) -> None:
     if not cfg.guidance >= 0:
         raise ValueError(f"--guidance must be >= 0, got {cfg.guidance!r}")
     cfg.models.check()
+    if isinstance(cfg.context, int):
+        cfg.models.check_frames(cfg.context, "--context")
     check_prompt_tokens([cfg.prompt], [read_identity_info(p) for p in cfg.identities])
 
 
@@ -316,7 +322,8 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> di
             models["motion_adapter"]["weights"] = spec.adapter_weights()
         if spec.base_config:
             models["base_config"] = spec.base_config
-    models["identities"] = [{**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities]
+    models |= spec.formats_record()
+    models["identities"] = [identity_record(p) for p in cfg.identities]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("models", "identities")}
     source = {"path": str(Path(video).resolve()), "frames": shape[0], "height": shape[1], "width": shape[2]}
     return {"task": task, "input": source, "models": models, **settings, **extra}
