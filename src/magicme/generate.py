@@ -9,7 +9,6 @@ option to compare against the prior.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,8 @@ from .identity import check_prompt_tokens, load_identities, read_identity_info
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
 from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
 from .noise_prior import check_gamma, noise_prior
+from .progress import progress_bar, step_counter
+from .records import content_hash, runtime_record, to_jsonable
 from .video import check_output_path, output_kind, write_sidecar, write_video
 
 
@@ -202,9 +203,12 @@ def generate(
     if pipe is None:
         pipe = load_pipeline(cfg.models, device=device)
     load_identities(pipe, cfg.identities)
-    pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
-    jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]
-    for (prompt, seed), path in zip(jobs, paths):
+    pipe.set_progress_bar_config(disable=True)  # one bar over every clip's steps instead of one per clip
+    prompts = cfg.jobs_prompts()
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in cfg.seeds]
+    bar = progress_bar(len(jobs) * cfg.steps * (cfg.free_init or 1), "generate", quiet=quiet)
+    for n, ((i, prompt, seed), path) in enumerate(zip(jobs, paths), 1):
+        bar.set_postfix_str(f"clip {n}/{len(jobs)}, seed {seed}" + (f", prompt {i + 1}" if len(prompts) > 1 else ""))
         frames = generate_video(
             pipe,
             prompt,
@@ -219,10 +223,11 @@ def generate(
             prompt_at=cfg.prompt_at,
             windows=windows,
             free_init=cfg.free_init,
-            **({"callback_on_step_end": step_callback} if step_callback else {}),
+            callback_on_step_end=step_counter(bar, step_callback),
         )
         write_video(frames, path, fps=cfg.fps)
         write_sidecar(path, run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
+    bar.close()
     return paths
 
 
@@ -234,8 +239,10 @@ def run_record(
     spec = cfg.models
     models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset,
               "speed": asdict(spec.speed)}
+    runtime = runtime_record(pipe) if pipe is not None else {}
     if pipe is not None:  # what actually ran, read back from the pipeline
         models["scheduler_config"] = scheduler_record(pipe.scheduler)
+        models["speed"]["dtype"] = runtime["dtype"]
     if spec.base != TINY:
         models["motion_adapter"] = fingerprint(spec.adapter_name())
         if spec.adapter_weights():
@@ -245,11 +252,16 @@ def run_record(
         if spec.base_config:
             models["base_config"] = spec.base_config
     models["identities"] = [
-        {**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities
+        {**fingerprint(p), "token": read_identity_info(p).token, "sha256": content_hash(p)} for p in cfg.identities
     ]
     skip = ("prompts", "seeds", "models", "height", "width", "identities", "prompt_at")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings}
+    record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings,
+              **runtime}
+    # this clip's request alone, paths absolute: `magicme generate --from-record` rebuilds it
+    clip = replace(cfg, prompts=[] if prompt is None else [prompt], seeds=[seed],
+                   identities=[str(Path(p).resolve()) for p in cfg.identities])
+    record["config"] = to_jsonable(clip)
     if cfg.prompt_at:
         record["prompt_at"] = {str(k): v for k, v in prompt_schedule(prompt, cfg.prompt_at, cfg.frames).items()}
     if windows is not None:

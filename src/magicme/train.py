@@ -11,6 +11,7 @@ The result is one `.safetensors` identity file (`magicme.identity`) that stock d
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +222,18 @@ def sample_batch(images: np.ndarray, masks: np.ndarray, cfg: TrainConfig, class_
 
 # ---- the trainer ----
 
-def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict:
-    """vae, text_encoder, tokenizer, unet and a DDPM noise scheduler of the base model (no motion module)."""
+def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype, base_parts: dict | None = None) -> dict:
+    """vae, text_encoder, tokenizer, unet and a DDPM noise scheduler of the base model (no motion module).
+
+    `base_parts`: components already loaded (`load_base` / `tiny_components`), used in place (moved to
+    `device`); the tokenizer is copied, since training adds the ID tokens to it.
+    """
     from diffusers import DDPMScheduler
 
-    parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
+    if base_parts is not None:
+        parts = dict(base_parts, tokenizer=copy.deepcopy(base_parts["tokenizer"]))
+    else:
+        parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
     parts.pop("motion_adapter", None)
     parts["noise_scheduler"] = DDPMScheduler.from_config(parts.pop("scheduler").config)
     for name in ("vae", "unet", "text_encoder"):
@@ -382,7 +390,7 @@ class IdTrainer:
             | {"resolution": self.images.shape[1]},
         }
 
-    def save_checkpoint(self, folder: Path, validation: bool = True) -> Path:
+    def save_checkpoint(self, folder: Path, validation: bool = True, progress: bool = False) -> Path:
         """Write checkpoint folder `step-NNNNNN` atomically: identity, optimizer state, record, validation frames."""
         from safetensors.torch import save_file
 
@@ -398,7 +406,7 @@ class IdTrainer:
             record = self.state_record() | {"grad_scaler": self.scaler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             if validation and self.cfg.validation_images:
-                self.validation_frames().save(tmp / "validation.png")
+                self.validation_frames(progress).save(tmp / "validation.png")
             os.chmod(tmp, 0o755)
             if dest.exists():
                 shutil.rmtree(dest)
@@ -436,8 +444,10 @@ class IdTrainer:
         self.step_done = int(record["step"])
 
     @torch.no_grad()
-    def validation_frames(self):
-        """A row of frames from the current ID tokens ('a photo of a <v*> dog'), fixed seed, as one PIL image."""
+    def validation_frames(self, progress: bool = False):
+        """A row of frames from the current ID tokens ('a photo of a <v*> dog'), fixed seed, as one PIL image.
+
+        `progress` shows the rendering's denoising steps on a labelled bar (minutes on a real model)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         from PIL import Image
 
@@ -451,7 +461,7 @@ class IdTrainer:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"checkpoint step {self.step_done}: validation frames")
         r = self.images.shape[1]
         with self.autocast():
             frames = pipe(
@@ -485,14 +495,20 @@ def latest_checkpoint(folder: Path) -> Path:
     return found[-1]
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None, components: dict | None = None,
+) -> TrainResult:
     """Train one identity's extended ID tokens and write `cfg.out`; Ctrl-C saves a checkpoint and re-raises.
 
     `step_callback(step, loss)` runs after each optimizer step (a live loss curve; raising from it
     stops training with nothing written but the checkpoints already saved).
+    `components`: the base model's components already loaded (vae, text_encoder, tokenizer, unet,
+    scheduler; `magicme run` builds its video pipeline on them afterwards). They are used in place and
+    handed back as they came: the text encoder trains in fp32 as always and returns to its dtype and
+    vocabulary; their vae/unet dtype should be the one training would pick (see `autocast_dtype`).
     """
-    from tqdm.auto import tqdm
-
+    from .progress import progress_bar
+    from .records import content_hash, dtype_name, to_jsonable
     from .video import write_sidecar
 
     cfg.check()
@@ -505,47 +521,63 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(dev, cfg.mixed_precision)
-    parts = load_training_components(cfg.models, dev, amp or torch.float32)
-    resolution = cfg.resolution or native_resolution(parts)
-    images, masks, _ = load_identity_set(cfg.data, resolution)
-    trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
-    if resume is not None:
-        trainer.load_checkpoint(resume)
-        if trainer.step_done >= cfg.steps:
-            raise ValueError(f"--resume {str(resume)!r} is already at step {trainer.step_done}; raise --steps above it")
-    loss_start = trainer.evaluation_loss()
-    ckpt_dir = cfg.checkpoints()
-    bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="train ID tokens", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+    text_encoder = components["text_encoder"] if components is not None else None
+    lent = (text_encoder.dtype, text_encoder.get_input_embeddings()) if text_encoder is not None else None
+    parts = load_training_components(cfg.models, dev, amp or torch.float32, base_parts=components)
+    trainer = None
     try:
-        for step in range(trainer.step_done, cfg.steps):
-            loss = trainer.step(step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if step_callback is not None:
-                step_callback(trainer.step_done, loss)
-            if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
-                trainer.save_checkpoint(ckpt_dir)
-    except KeyboardInterrupt:
+        resolution = cfg.resolution or native_resolution(parts)
+        images, masks, _ = load_identity_set(cfg.data, resolution)
+        trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+            if trainer.step_done >= cfg.steps:
+                raise ValueError(f"--resume {str(resume)!r} is already at step {trainer.step_done}; raise --steps above it")
+        loss_start = trainer.evaluation_loss()
+        ckpt_dir = cfg.checkpoints()
+        bar = progress_bar(cfg.steps, "train ID tokens", quiet=quiet, initial=trainer.step_done)
+        try:
+            for step in range(trainer.step_done, cfg.steps):
+                loss = trainer.step(step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if step_callback is not None:
+                    step_callback(trainer.step_done, loss)
+                if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
+                    bar.set_postfix_str(f"loss={loss:.4f}, rendering the step-{trainer.step_done} checkpoint's frames")
+                    trainer.save_checkpoint(ckpt_dir, progress=not quiet and not bar.disable)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+        except KeyboardInterrupt:
+            bar.close()
+            if trainer.step_done > 0:
+                saved = trainer.save_checkpoint(ckpt_dir, validation=False)
+                print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {saved} (continue with --resume)", file=sys.stderr)
+            raise
         bar.close()
-        if trainer.step_done > 0:
-            saved = trainer.save_checkpoint(ckpt_dir, validation=False)
-            print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {saved} (continue with --resume)", file=sys.stderr)
-        raise
-    bar.close()
-    loss_end = trainer.evaluation_loss()
-    info = trainer.identity_info(cfg.steps)
-    path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
+        loss_end = trainer.evaluation_loss()
+        info = trainer.identity_info(cfg.steps)
+        path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
+    finally:
+        if trainer is not None:
+            trainer.id_tokens.remove()
+        if lent is not None:  # hand the borrowed text encoder back with its own vocabulary and dtype
+            text_encoder.set_input_embeddings(lent[1])
+            text_encoder.config.vocab_size = lent[1].num_embeddings
+            text_encoder.to(dtype=lent[0])
     record = {
         "task": "train",
         "identity": info.metadata(),
         "data": str(Path(cfg.data).resolve()),
+        "data_sha256": content_hash(Path(cfg.data)),
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
         "models": {"base": fingerprint(cfg.models.base)},
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
+        "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
+        "device": str(dev),
+        "config": to_jsonable(replace(cfg, data=str(Path(cfg.data).resolve()), resume=None, checkpoint_dir=None)),
     }
     write_sidecar(path, record)
-    trainer.id_tokens.remove()
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))

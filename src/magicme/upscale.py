@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .esrgan import load_rrdbnet
+from .progress import denoising_steps, progress_bar, step_counter
 from .models import TINY, ModelSpec, TinyPreset, _from_pretrained, fingerprint
 from .v2v import (
     check_common,
@@ -245,19 +246,25 @@ def tiled_vcd(
     if upscaler is not None:
         upscaler.to(pipe.device)
     upscaled = upscale_frames(frames.astype(np.float32) / 255.0, cfg.scale, upscaler)
+    tiles = len(tile_grid(*upscaled.shape[1:3], tile, overlap))
+    batches, windows = -(-tiles // cfg.tile_batch), -(-len(frames) // cfg.context)
+    bar = progress_bar(batches * windows * denoising_steps(cfg.steps, cfg.strength), "tiled VCD", quiet=quiet)
+    on_step = step_counter(bar, step_callback)
     done = 0
 
     def restore(clips: np.ndarray) -> np.ndarray:
         nonlocal done
         seeds = tile_seeds(cfg.seed, done, len(clips))
+        bar.set_postfix_str(f"tiles {done + 1}-{done + len(clips)} of {tiles}")
         done += len(clips)
         return partial_denoise_windows(
             tile_pipe, clips, cfg.prompt, context=cfg.context, seeds=seeds, strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance,
             gamma=cfg.gamma, negative_prompt=cfg.negative_prompt, controlnet_scale=cfg.controlnet_scale,
-            step_callback=step_callback,
+            step_callback=on_step,
         )
 
-    result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch)
+    with bar:
+        result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch)
     write_video(result, out, fps=cfg.fps)
     controlnet_name = cfg.controlnet or (TINY if cfg.models.base == TINY else DEFAULT_CONTROLNET)
     extra = {
@@ -267,5 +274,5 @@ def tiled_vcd(
         "controlnet_model": fingerprint(controlnet_name),
         "upscaler_model": fingerprint(cfg.upscaler) if cfg.upscaler else "lanczos",
     }
-    write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, **extra))
+    write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, pipe=pipe, **extra))
     return out

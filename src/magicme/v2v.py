@@ -9,8 +9,7 @@ built on `partial_denoise`.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ from .generate import check_gamma_arg
 from .identity import check_prompt_tokens, load_identities, read_identity_info
 from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
 from .noise_prior import correlate_frames
+from .progress import denoising_steps, progress_bar, step_counter
+from .records import content_hash, runtime_record, to_jsonable
 from .video import check_output_path, read_video, write_sidecar, write_video
 
 
@@ -255,11 +256,11 @@ def resize_frames(frames: np.ndarray, height: int, width: int, interpolation: st
 
 
 def load_stage_pipeline(models: ModelSpec, identities: list[str], device: str | None, quiet: bool, pipe=None):
-    """The base pipeline (loaded once) with the identities in it, and a progress-bar setting."""
+    """The base pipeline (loaded once) with the identities in it; the stage draws its own progress bar."""
     if pipe is None:
         pipe = load_pipeline(models, device=device)
     load_identities(pipe, identities)
-    pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the stage's denoising calls (progress.py)
     return pipe
 
 
@@ -279,17 +280,21 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
     v2v_pipe = video_pipeline(pipe)
     h8, w8 = h // 8 * 8, w // 8 * 8
     clip = resize_frames(frames.astype(np.float32) / 255.0, h8, w8)
-    result = partial_denoise_windows(
-        v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
-        guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt,
-    )[0]
+    windows = -(-f // cfg.context)
+    with progress_bar(windows * denoising_steps(cfg.steps, cfg.strength), "v2v", quiet=quiet) as bar:
+        bar.set_postfix_str(f"{f} frames in {windows} window{'s' * (windows > 1)}")
+        result = partial_denoise_windows(
+            v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
+            guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt, step_callback=step_counter(bar),
+        )[0]
     write_video(resize_frames(result, h, w), out, fps=cfg.fps)
-    write_sidecar(out, stage_record("v2v", cfg, video, frames.shape))
+    write_sidecar(out, stage_record("v2v", cfg, video, frames.shape, pipe=pipe))
     return out
 
 
-def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> dict:
-    """The run record of a V2V stage: its settings, input, models and identities."""
+def stage_record(task: str, cfg, video: str | Path, shape: tuple, *, pipe=None, **extra) -> dict:
+    """The run record of a V2V stage: its settings, input (with its content hash), models and identities,
+    the dtype/device `pipe` ran in (none when nothing was denoised), and the config `--from-record` rebuilds."""
     spec = cfg.models
     models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
     if spec.base != TINY:
@@ -298,7 +303,12 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> di
             models["motion_adapter"]["weights"] = spec.adapter_weights()
         if spec.base_config:
             models["base_config"] = spec.base_config
-    models["identities"] = [{**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities]
+    models["identities"] = [
+        {**fingerprint(p), "token": read_identity_info(p).token, "sha256": content_hash(p)} for p in cfg.identities
+    ]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("models", "identities")}
-    source = {"path": str(Path(video).resolve()), "frames": shape[0], "height": shape[1], "width": shape[2]}
-    return {"task": task, "input": source, "models": models, **settings, **extra}
+    source = {"path": str(Path(video).resolve()), "sha256": content_hash(video), "frames": shape[0], "height": shape[1],
+              "width": shape[2]}
+    runtime = runtime_record(pipe) if pipe is not None else {}
+    config = to_jsonable(replace(cfg, identities=[str(Path(p).resolve()) for p in cfg.identities]))
+    return {"task": task, "input": source, "models": models, **settings, **runtime, **extra, "config": config}
