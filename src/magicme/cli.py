@@ -21,8 +21,16 @@ def _real_weights_hint(flag: str) -> str:
             "or a local diffusers folder / .safetensors checkpoint")
 
 
-def _warn_tiny(args, base: str, flag: str = "--base") -> None:
-    """The one-line warning of every command that runs the tiny random-weight model: its output is noise."""
+def _warn_tiny(args, base: str, flag: str = "--base", cfg=None, out=None) -> None:
+    """The one-line warning of every command that runs the tiny random-weight model: its output is noise.
+
+    With `cfg` (and `out`), their checks run first: bad input gets its one error line, no warning before it."""
+    if cfg is not None:
+        cfg.check()
+    if out is not None:
+        from .video import check_output_path
+
+        check_output_path(out)
     if base == "tiny":
         _warn(args, f"{flag} tiny is the random-weight test model: the output will be noise, not a picture; "
                     f"for real output {_real_weights_hint(flag)}")
@@ -180,7 +188,7 @@ def cmd_generate(args) -> None:
         free_init=args.free_init,
     )
     cfg = _apply_record(args, cfg)
-    _warn_tiny(args, cfg.models.base)
+    _warn_tiny(args, cfg.models.base, cfg=cfg, out=args.out)
     for path in generate(cfg, args.out, quiet=args.quiet, device=args.device):
         print(path)
 
@@ -224,7 +232,7 @@ def cmd_train(args) -> None:
     )
     cfg = _apply_record(args, cfg)
     _required(cfg, "data")
-    _warn_tiny(args, cfg.models.base)
+    _warn_tiny(args, cfg.models.base, cfg=cfg)
     res = train(cfg, quiet=args.quiet, device=args.device)
     print(f"masked loss on the identity set: {res.loss_start:.4f} -> {res.loss_end:.4f}")
     print(f"wrote {res.path} ({res.size_bytes / 1024:.1f} KB, {cfg.num_vectors} vectors; the paper's is 16 KB)")
@@ -253,7 +261,7 @@ def _v2v_config(args, cfg):
     cfg = _apply_record(args, cfg)
     _required(cfg, "prompt")
     _required(args, "video")
-    _warn_tiny(args, cfg.models.base)
+    _warn_tiny(args, cfg.models.base, cfg=cfg, out=args.out)
     return cfg
 
 
