@@ -21,18 +21,12 @@ def _real_weights_hint(flag: str) -> str:
             "or a local diffusers folder / .safetensors checkpoint")
 
 
-def _warn_tiny(args, base: str, flag: str = "--base", cfg=None, out=None) -> None:
-    """The one-line warning of every command that runs the tiny random-weight model: its output is noise.
+def _warn_tiny(args, base: str, flag: str = "--base") -> None:
+    """The one-line warning of every command that ran the tiny random-weight model: its output is noise.
 
-    With `cfg` (and `out`), their checks run first: bad input gets its one error line, no warning before it."""
-    if cfg is not None:
-        cfg.check()
-    if out is not None:
-        from .video import check_output_path
-
-        check_output_path(out)
+    Said once the output is written, beside its name (bad input gets its one error line and nothing else)."""
     if base == "tiny":
-        _warn(args, f"{flag} tiny is the random-weight test model: the output will be noise, not a picture; "
+        _warn(args, f"{flag} tiny is the random-weight test model: the output is noise, not a picture; "
                     f"for real output {_real_weights_hint(flag)}")
 
 
@@ -188,9 +182,9 @@ def cmd_generate(args) -> None:
         free_init=args.free_init,
     )
     cfg = _apply_record(args, cfg)
-    _warn_tiny(args, cfg.models.base, cfg=cfg, out=args.out)
     for path in generate(cfg, args.out, quiet=args.quiet, device=args.device):
         print(path)
+    _warn_tiny(args, cfg.models.base)
 
 
 def cmd_prepare(args) -> None:
@@ -232,8 +226,8 @@ def cmd_train(args) -> None:
     )
     cfg = _apply_record(args, cfg)
     _required(cfg, "data")
-    _warn_tiny(args, cfg.models.base, cfg=cfg)
     res = train(cfg, quiet=args.quiet, device=args.device)
+    _warn_tiny(args, cfg.models.base)
     print(f"masked loss on the identity set: {res.loss_start:.4f} -> {res.loss_end:.4f}")
     print(f"wrote {res.path} ({res.size_bytes / 1024:.1f} KB, {cfg.num_vectors} vectors; the paper's is 16 KB)")
     print(f'use it: magicme generate --identity {res.path} --prompt "a {cfg.token} ... "')
@@ -261,7 +255,6 @@ def _v2v_config(args, cfg):
     cfg = _apply_record(args, cfg)
     _required(cfg, "prompt")
     _required(args, "video")
-    _warn_tiny(args, cfg.models.base, cfg=cfg, out=args.out)
     return cfg
 
 
@@ -270,6 +263,7 @@ def cmd_v2v(args) -> None:
 
     cfg = _v2v_config(args, V2VConfig(**_v2v_settings(args)))
     print(v2v(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+    _warn_tiny(args, cfg.models.base)
 
 
 def cmd_face(args) -> None:
@@ -280,6 +274,7 @@ def cmd_face(args) -> None:
         feather=args.feather, smooth=args.smooth,
     ))
     print(face_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+    _warn_tiny(args, cfg.models.base)
 
 
 def cmd_upscale(args) -> None:
@@ -290,6 +285,7 @@ def cmd_upscale(args) -> None:
         tile_batch=args.tile_batch, controlnet=args.controlnet, controlnet_scale=args.controlnet_scale,
     ))
     print(tiled_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+    _warn_tiny(args, cfg.models.base)
 
 
 def _add_from_record(p: argparse.ArgumentParser) -> None:
@@ -326,21 +322,21 @@ def cmd_run(args) -> None:
     from .run import chain_summary, load_chain_config, run_chain
 
     cfg = load_chain_config(args.config, work_dir=str(Path(args.work_dir).resolve()) if args.work_dir else None)
-    _warn_tiny(args, cfg.models.base, flag="models.base:")
     result = run_chain(cfg, quiet=args.quiet, device=args.device)
     print(f"done: ran {len(result.ran)} of {len(result.runs)} stages")
     print(chain_summary(result))
+    _warn_tiny(args, cfg.models.base, flag="models.base:")
 
 
 def cmd_demo(args) -> None:
     from .demo import demo
     from .run import chain_summary
 
-    _warn(args, "the demo runs the tiny random-weight test model, so its videos are noise; the same chain runs for real "
-                f"with `magicme run`: {_real_weights_hint('models.base:')}")
     result = demo(args.work_dir, quiet=args.quiet)
     print(f"done: the demo's chain in {result.work_dir}")
     print(chain_summary(result))
+    _warn(args, "the demo ran the tiny random-weight test model, so its videos are noise; the same chain runs for real "
+                f"with `magicme run`: {_real_weights_hint('models.base:')}")
 
 
 def cmd_ui(args) -> None:
@@ -377,12 +373,12 @@ def cmd_evaluate(args) -> None:
 
     from .evaluate import evaluate_video, face_embedder
 
-    if "tiny" in (args.clip_model, args.dino_model):
-        _warn(args, "'tiny' metric models have random weights: the scores mean nothing")
     face = face_embedder(args.face_model, args.face_detector)
     row = evaluate_video(args.video, args.references, args.prompt, token=args.token, class_word=args.class_word or "",
                          identity=args.identity, models=_metric_models(args), device=args.device, face=face)
     print(json.dumps(row, indent=2))
+    if "tiny" in (args.clip_model, args.dino_model):
+        _warn(args, "'tiny' metric models have random weights: the scores mean nothing")
 
 
 def cmd_evaluate_suite(args) -> None:
@@ -395,7 +391,6 @@ def cmd_evaluate_suite(args) -> None:
         batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
         video_format=args.video_format,
     ))
-    _warn_tiny(args, cfg.models.base)
     run = run_suite(cfg, args.results, videos=args.videos, quiet=args.quiet, device=args.device)
     print(f"process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
           f"{run.results} holds {run.rows} rows", file=sys.stderr)
@@ -405,6 +400,7 @@ def cmd_evaluate_suite(args) -> None:
         print(summary([run.results]))
     if run.process_index == 0:
         print(run.results)
+        _warn_tiny(args, cfg.models.base)
 
 
 def cmd_report(args) -> None:

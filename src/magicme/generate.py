@@ -21,7 +21,7 @@ from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
 from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
 from .noise_prior import check_gamma, noise_prior
 from .progress import progress_bar, step_counter
-from .records import content_hash, runtime_record, to_jsonable
+from .records import absolute_paths, content_hash, runtime_record, to_jsonable
 from .video import check_output_path, output_kind, write_sidecar, write_video
 
 
@@ -242,7 +242,6 @@ def run_record(
     runtime = runtime_record(pipe) if pipe is not None else {}
     if pipe is not None:  # what actually ran, read back from the pipeline
         models["scheduler_config"] = scheduler_record(pipe.scheduler)
-        models["speed"]["dtype"] = runtime["dtype"]
     if spec.base != TINY:
         models["motion_adapter"] = fingerprint(spec.adapter_name())
         if spec.adapter_weights():
@@ -259,9 +258,7 @@ def run_record(
     record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings,
               **runtime}
     # this clip's request alone, paths absolute: `magicme generate --from-record` rebuilds it
-    clip = replace(cfg, prompts=[] if prompt is None else [prompt], seeds=[seed],
-                   identities=[str(Path(p).resolve()) for p in cfg.identities])
-    record["config"] = to_jsonable(clip)
+    record["config"] = to_jsonable(absolute_paths(replace(cfg, prompts=[] if prompt is None else [prompt], seeds=[seed])))
     if cfg.prompt_at:
         record["prompt_at"] = {str(k): v for k, v in prompt_schedule(prompt, cfg.prompt_at, cfg.frames).items()}
     if windows is not None:

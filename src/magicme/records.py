@@ -197,3 +197,22 @@ def replace_field(obj: Any, path: str, value: Any) -> Any:
     """A copy of nested (possibly frozen) dataclasses with the field at `path` set to `value`."""
     head, _, rest = path.partition(".")
     return dataclasses.replace(obj, **{head: replace_field(getattr(obj, head), rest, value) if rest else value})
+
+
+PATH_FIELDS = ("data", "images", "identities", "detector", "upscaler", "controlnet",
+               "models.base", "models.motion_adapter", "models.base_config")
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """A copy of a stage config with its local file/folder fields made absolute, so a record works from any folder."""
+
+    def resolve(value):
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        local = isinstance(value, (str, Path)) and value != "tiny" and Path(value).exists()  # 'tiny' is the preset
+        return str(Path(value).resolve()) if local else value
+
+    for path in PATH_FIELDS:
+        if has_field(cfg, path) and get_field(cfg, path) is not None:
+            cfg = replace_field(cfg, path, resolve(get_field(cfg, path)))
+    return cfg

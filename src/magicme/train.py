@@ -508,7 +508,7 @@ def train(
     vocabulary; their vae/unet dtype should be the one training would pick (see `autocast_dtype`).
     """
     from .progress import progress_bar
-    from .records import content_hash, dtype_name, to_jsonable
+    from .records import absolute_paths, content_hash, dtype_name, to_jsonable
     from .video import write_sidecar
 
     cfg.check()
@@ -577,7 +577,7 @@ def train(
         | {"resolution": resolution, "class_word": class_word},
         "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
         "device": str(dev),
-        "config": to_jsonable(replace(cfg, data=str(Path(cfg.data).resolve()), resume=None, checkpoint_dir=None)),
+        "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),
     }
     write_sidecar(path, record)
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))

@@ -9,7 +9,7 @@ built on `partial_denoise`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from .identity import check_prompt_tokens, load_identities, read_identity_info
 from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
 from .noise_prior import correlate_frames
 from .progress import denoising_steps, progress_bar, step_counter
-from .records import content_hash, runtime_record, to_jsonable
+from .records import absolute_paths, content_hash, runtime_record, to_jsonable
 from .video import check_output_path, read_video, write_sidecar, write_video
 
 
@@ -310,5 +310,5 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, *, pipe=None, 
     source = {"path": str(Path(video).resolve()), "sha256": content_hash(video), "frames": shape[0], "height": shape[1],
               "width": shape[2]}
     runtime = runtime_record(pipe) if pipe is not None else {}
-    config = to_jsonable(replace(cfg, identities=[str(Path(p).resolve()) for p in cfg.identities]))
-    return {"task": task, "input": source, "models": models, **settings, **runtime, **extra, "config": config}
+    return {"task": task, "input": source, "models": models, **settings, **runtime, **extra,
+            "config": to_jsonable(absolute_paths(cfg))}
