@@ -73,36 +73,26 @@ def _explicit_dests(argv: list[str]) -> set[str]:
 _RECORD_TASKS = {"generate": "t2v", "v2v": "v2v", "face": "face", "upscale": "upscale", "train": "train"}
 _MODEL_FLAGS = {"base", "motion_adapter", "base_config", "scheduler", "preset"}
 _SPEED_FLAGS = {"dtype", "low_vram", "attention_slicing", "compile"}
-_NOT_FROM_RECORD = ("out", "resume", "checkpoint_dir")  # a rerun never writes over the recorded output
-_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
 def _apply_record(args, cfg):
-    """`cfg` (built from the flags) with every setting that was not given on the command line taken from
-    `--from-record`'s config; also fills in the recorded input (--video) and device when not given."""
+    """With --from-record: the recorded config, the flags given on the command line overriding it (`cfg` holds
+    them); the recorded input clip and device too, unless given."""
     if not getattr(args, "from_record", None):
         return cfg
-    from .records import build_config, content_hash, get_field, has_field, read_record, replace_field
+    from .records import changed_inputs, read_record, rerun_config
 
     record = read_record(args.from_record)
     task = _RECORD_TASKS[args.command]
     if record.get("task") != task:
         raise ValueError(f"--from-record {args.from_record!r} is a {record.get('task')!r} record; magicme {args.command} reads {task!r} records")
-    out = build_config(type(cfg), record["config"], f"--from-record {args.from_record!r}: config")
     renames = {"identity": "identities", "no_mask": "masked", **({"prompt": "prompts", "seed": "seeds"} if task == "t2v" else {})}
-    for dest in args.explicit:
-        name = renames.get(dest, dest)
-        path = f"models.speed.{name}" if name in _SPEED_FLAGS else f"models.{name}" if name in _MODEL_FLAGS else name
-        if has_field(out, path):
-            out = replace_field(out, path, get_field(cfg, path))
-    for name in _NOT_FROM_RECORD:
-        if has_field(out, name):
-            out = replace_field(out, name, getattr(cfg, name))
-    ran = record.get("dtype")  # what ran, not 'auto'
-    if task == "train" and ran in _PRECISION and "mixed_precision" not in args.explicit:
-        out = replace_field(out, "mixed_precision", _PRECISION[ran])
-    elif task != "train" and ran and "dtype" not in args.explicit:
-        out = replace_field(out, "models.speed.dtype", ran)
+    given = {renames.get(d, d) for d in args.explicit}
+    given = {f"models.speed.{n}" if n in _SPEED_FLAGS else f"models.{n}" if n in _MODEL_FLAGS else n for n in given}
+    try:
+        out = rerun_config(record, cfg, given)
+    except ValueError as e:
+        raise ValueError(f"--from-record {args.from_record!r}: {e}") from None
     if record.get("device") and "device" not in args.explicit:
         import torch
 
@@ -110,16 +100,10 @@ def _apply_record(args, cfg):
             args.device = record["device"]
         else:
             _warn(args, f"the record was made on {record['device']}, which this machine lacks: running on the CPU, so the output will differ")
-    if "video" in vars(args):  # the V2V stages: their input clip
-        if "video" not in args.explicit:
-            args.video = record.get("input", {}).get("path")
-        inputs = [("--video", args.video, record.get("input", {}).get("sha256"))]
-    else:
-        inputs = [("--data", out.data, record.get("data_sha256"))] if task == "train" else []
-    inputs += [("--identity", i["name"], i.get("sha256")) for i in record.get("models", {}).get("identities", [])]
-    for flag, path, digest in inputs:
-        if digest and path and Path(path).exists() and content_hash(path) != digest:
-            _warn(args, f"{flag} {str(path)!r} has changed since the record was written: the output will differ")
+    if "video" in vars(args) and "video" not in args.explicit:  # the V2V stages' input clip
+        args.video = record.get("input", {}).get("path")
+    for what, path in changed_inputs(record, out, getattr(args, "video", None)):
+        _warn(args, f"{what} {path!r} has changed since the record was written: the output will differ")
     return out
 
 

@@ -216,3 +216,34 @@ def absolute_paths(cfg: Any) -> Any:
         if has_field(cfg, path) and get_field(cfg, path) is not None:
             cfg = replace_field(cfg, path, resolve(get_field(cfg, path)))
     return cfg
+
+
+# ---- repeating a run ----
+
+RERUN_OWN = ("out", "resume", "checkpoint_dir")  # always the rerun's: it never writes over the recorded output
+_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # a train record's dtype → --mixed-precision
+
+
+def rerun_config(record: dict, cfg: Any, given: set[str]) -> Any:
+    """The config of run record `record`, with the fields in `given` (dotted paths) and the output paths taken
+    from `cfg` instead, and the dtype (precision) that actually ran in place of 'auto' unless it is given."""
+    out = build_config(type(cfg), record["config"], "the record's config")
+    for path in {*given, *RERUN_OWN}:
+        if has_field(out, path):
+            out = replace_field(out, path, get_field(cfg, path))
+    ran = record.get("dtype")
+    if record.get("task") == "train":
+        if ran in _PRECISION and "mixed_precision" not in given:
+            out = replace_field(out, "mixed_precision", _PRECISION[ran])
+    elif ran and "models.speed.dtype" not in given and has_field(out, "models.speed.dtype"):
+        out = replace_field(out, "models.speed.dtype", ran)
+    return out
+
+
+def changed_inputs(record: dict, cfg: Any, video: str | Path | None = None) -> list[tuple[str, str]]:
+    """(what, path) of each recorded input whose content differs now: the input clip, the prepared set, identities."""
+    inputs = [("input video", video, record.get("input", {}).get("sha256")),
+              ("prepared set", getattr(cfg, "data", None) if record.get("task") == "train" else None, record.get("data_sha256"))]
+    inputs += [("identity", i.get("name"), i.get("sha256")) for i in record.get("models", {}).get("identities", [])]
+    return [(what, str(path)) for what, path, digest in inputs
+            if digest and path and Path(path).exists() and content_hash(path) != digest]
