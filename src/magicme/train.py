@@ -503,10 +503,23 @@ def train(
     `step_callback(step, loss)` runs after each optimizer step (a live loss curve; raising from it
     stops training with nothing written but the checkpoints already saved).
     `components`: the base model's components already loaded (vae, text_encoder, tokenizer, unet,
-    scheduler; `magicme run` builds its video pipeline on them afterwards). They are used in place and
-    handed back as they came: the text encoder trains in fp32 as always and returns to its dtype and
-    vocabulary; their vae/unet dtype should be the one training would pick (see `autocast_dtype`).
+    scheduler; `magicme run` builds its video pipeline on them afterwards), used in place of loading
+    them. The text encoder trains in fp32 as always and is handed back in its own dtype and vocabulary;
+    the vae/unet should already have the dtype training picks (`autocast_dtype`, else fp32).
     """
+    if components is None:
+        return _train(cfg, quiet=quiet, device=device, step_callback=step_callback)
+    text_encoder = components["text_encoder"]
+    dtype, embeddings = text_encoder.dtype, text_encoder.get_input_embeddings()
+    try:
+        return _train(cfg, quiet=quiet, device=device, step_callback=step_callback, components=components)
+    finally:  # training resized the embeddings for the ID tokens and ran the encoder in fp32
+        text_encoder.set_input_embeddings(embeddings)
+        text_encoder.config.vocab_size = embeddings.num_embeddings
+        text_encoder.to(dtype=dtype)
+
+
+def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, components: dict | None = None) -> TrainResult:
     from .progress import progress_bar
     from .records import absolute_paths, content_hash, dtype_name, to_jsonable
     from .video import write_sidecar
@@ -521,54 +534,43 @@ def train(
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(dev, cfg.mixed_precision)
-    text_encoder = components["text_encoder"] if components is not None else None
-    lent = (text_encoder.dtype, text_encoder.get_input_embeddings()) if text_encoder is not None else None
     parts = load_training_components(cfg.models, dev, amp or torch.float32, base_parts=components)
-    trainer = None
+    resolution = cfg.resolution or native_resolution(parts)
+    images, masks, _ = load_identity_set(cfg.data, resolution)
+    trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+        if trainer.step_done >= cfg.steps:
+            raise ValueError(f"--resume {str(resume)!r} is already at step {trainer.step_done}; raise --steps above it")
+    loss_start = trainer.evaluation_loss()
+    ckpt_dir = cfg.checkpoints()
+    bar = progress_bar(cfg.steps, "train ID tokens", quiet=quiet, initial=trainer.step_done)
     try:
-        resolution = cfg.resolution or native_resolution(parts)
-        images, masks, _ = load_identity_set(cfg.data, resolution)
-        trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
-        if resume is not None:
-            trainer.load_checkpoint(resume)
-            if trainer.step_done >= cfg.steps:
-                raise ValueError(f"--resume {str(resume)!r} is already at step {trainer.step_done}; raise --steps above it")
-        loss_start = trainer.evaluation_loss()
-        ckpt_dir = cfg.checkpoints()
-        bar = progress_bar(cfg.steps, "train ID tokens", quiet=quiet, initial=trainer.step_done)
-        try:
-            for step in range(trainer.step_done, cfg.steps):
-                loss = trainer.step(step)
-                bar.update(1)
+        for step in range(trainer.step_done, cfg.steps):
+            loss = trainer.step(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step_callback is not None:
+                step_callback(trainer.step_done, loss)
+            if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
+                bar.set_postfix_str(f"loss={loss:.4f}, rendering the step-{trainer.step_done} checkpoint's frames")
+                trainer.save_checkpoint(ckpt_dir, progress=not bar.disable)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if step_callback is not None:
-                    step_callback(trainer.step_done, loss)
-                if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
-                    bar.set_postfix_str(f"loss={loss:.4f}, rendering the step-{trainer.step_done} checkpoint's frames")
-                    trainer.save_checkpoint(ckpt_dir, progress=not quiet and not bar.disable)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-        except KeyboardInterrupt:
-            bar.close()
-            if trainer.step_done > 0:
-                saved = trainer.save_checkpoint(ckpt_dir, validation=False)
-                print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {saved} (continue with --resume)", file=sys.stderr)
-            raise
+    except KeyboardInterrupt:
         bar.close()
-        loss_end = trainer.evaluation_loss()
-        info = trainer.identity_info(cfg.steps)
-        path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
-    finally:
-        if trainer is not None:
-            trainer.id_tokens.remove()
-        if lent is not None:  # hand the borrowed text encoder back with its own vocabulary and dtype
-            text_encoder.set_input_embeddings(lent[1])
-            text_encoder.config.vocab_size = lent[1].num_embeddings
-            text_encoder.to(dtype=lent[0])
+        if trainer.step_done > 0:
+            saved = trainer.save_checkpoint(ckpt_dir, validation=False)
+            print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {saved} (continue with --resume)", file=sys.stderr)
+        raise
+    bar.close()
+    loss_end = trainer.evaluation_loss()
+    info = trainer.identity_info(cfg.steps)
+    path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
     record = {
         "task": "train",
         "identity": info.metadata(),
         "data": str(Path(cfg.data).resolve()),
-        "data_sha256": content_hash(Path(cfg.data)),
+        "data_sha256": content_hash(cfg.data),
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
@@ -577,7 +579,8 @@ def train(
         | {"resolution": resolution, "class_word": class_word},
         "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
         "device": str(dev),
-        "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),
+        "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),  # for --from-record
     }
     write_sidecar(path, record)
+    trainer.id_tokens.remove()
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))
