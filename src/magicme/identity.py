@@ -154,10 +154,12 @@ def with_token(identities: list[str], token: str | None) -> list[str]:
 
 
 def identity_record(spec: str | Path) -> dict:
-    """The run record's entry for an identity: the file's fingerprint and the token it was used under."""
+    """The run record's entry for an identity: the file's fingerprint, content hash and the token it was used under."""
     from .models import fingerprint
+    from .records import content_hash
 
-    return {**fingerprint(str(split_spec(spec)[0])), "token": read_identity_info(spec).token}
+    path = str(split_spec(spec)[0])
+    return {**fingerprint(path), "token": read_identity_info(spec).token, "sha256": content_hash(path)}
 
 
 def convert_identity(src: str | Path, out: str | Path, token: str | None = None, class_word: str | None = None) -> Path:

@@ -11,6 +11,7 @@ The result is one `.safetensors` identity file (`magicme.identity`) that stock d
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +222,18 @@ def sample_batch(images: np.ndarray, masks: np.ndarray, cfg: TrainConfig, class_
 
 # ---- the trainer ----
 
-def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict:
-    """vae, text_encoder, tokenizer, unet and a DDPM noise scheduler of the base model (no motion module)."""
+def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype, base_parts: dict | None = None) -> dict:
+    """vae, text_encoder, tokenizer, unet and a DDPM noise scheduler of the base model (no motion module).
+
+    `base_parts`: components already loaded (`load_base` / `tiny_components`), used in place (moved to
+    `device`); the tokenizer is copied, since training adds the ID tokens to it.
+    """
     from diffusers import DDPMScheduler
 
-    parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
+    if base_parts is not None:
+        parts = dict(base_parts, tokenizer=copy.deepcopy(base_parts["tokenizer"]))
+    else:
+        parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
     parts.pop("motion_adapter", None)
     if spec.loras:  # optional: the identity is then learned on the LoRA'd model (frozen like the rest)
         from diffusers import StableDiffusionPipeline
@@ -393,7 +401,7 @@ class IdTrainer:
             | {"resolution": self.images.shape[1]},
         }
 
-    def save_checkpoint(self, folder: Path, validation: bool = True) -> Path:
+    def save_checkpoint(self, folder: Path, validation: bool = True, progress: bool = False) -> Path:
         """Write checkpoint folder `step-NNNNNN` atomically: identity, optimizer state, record, validation frames."""
         from safetensors.torch import save_file
 
@@ -409,7 +417,7 @@ class IdTrainer:
             record = self.state_record() | {"grad_scaler": self.scaler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             if validation and self.cfg.validation_images:
-                self.validation_frames().save(tmp / "validation.png")
+                self.validation_frames(progress).save(tmp / "validation.png")
             os.chmod(tmp, 0o755)
             if dest.exists():
                 shutil.rmtree(dest)
@@ -452,8 +460,10 @@ class IdTrainer:
         self.saved = path
 
     @torch.no_grad()
-    def validation_frames(self):
-        """A row of frames from the current ID tokens ('a photo of a <v*> dog'), fixed seed, as one PIL image."""
+    def validation_frames(self, progress: bool = False):
+        """A row of frames from the current ID tokens ('a photo of a <v*> dog'), fixed seed, as one PIL image.
+
+        `progress` shows the rendering's denoising steps on a labelled bar (minutes on a real model)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         from PIL import Image
 
@@ -467,7 +477,7 @@ class IdTrainer:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"checkpoint step {self.step_done}: validation frames")
         r = self.images.shape[1]
         with self.autocast():
             frames = pipe(
@@ -501,7 +511,9 @@ def latest_checkpoint(folder: Path) -> Path:
     return found[-1]
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None, components: dict | None = None,
+) -> TrainResult:
     """Train one identity's extended ID tokens and write `cfg.out`; Ctrl-C saves a checkpoint and re-raises.
 
     Ctrl-C at any point after the first step, the final loss evaluation and writing included, leaves a
@@ -509,9 +521,26 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
 
     `step_callback(step, loss)` runs after each optimizer step (a live loss curve; raising from it
     stops training with nothing written but the checkpoints already saved).
+    `components`: the base model's components already loaded (vae, text_encoder, tokenizer, unet,
+    scheduler; `magicme run` builds its video pipeline on them afterwards), used in place of loading
+    them. The text encoder trains in fp32 as always and is handed back in its own dtype and vocabulary;
+    the vae/unet should already have the dtype training picks (`autocast_dtype`, else fp32).
     """
-    from tqdm.auto import tqdm
+    if components is None:
+        return _train(cfg, quiet=quiet, device=device, step_callback=step_callback)
+    text_encoder = components["text_encoder"]
+    dtype, embeddings = text_encoder.dtype, text_encoder.get_input_embeddings()
+    try:
+        return _train(cfg, quiet=quiet, device=device, step_callback=step_callback, components=components)
+    finally:  # training resized the embeddings for the ID tokens and ran the encoder in fp32
+        text_encoder.set_input_embeddings(embeddings)
+        text_encoder.config.vocab_size = embeddings.num_embeddings
+        text_encoder.to(dtype=dtype)
 
+
+def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, components: dict | None = None) -> TrainResult:
+    from .progress import progress_bar
+    from .records import absolute_paths, content_hash, dtype_name, to_jsonable
     from .video import write_sidecar
 
     cfg.check()
@@ -524,7 +553,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(dev, cfg.mixed_precision)
-    parts = load_training_components(cfg.models, dev, amp or torch.float32)
+    parts = load_training_components(cfg.models, dev, amp or torch.float32, base_parts=components)
     resolution = cfg.resolution or native_resolution(parts)
     images, masks, _ = load_identity_set(cfg.data, resolution)
     trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
@@ -536,7 +565,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         trainer.loss_start = trainer.evaluation_loss()
     loss_start = trainer.loss_start
     ckpt_dir = cfg.checkpoints()
-    bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="train ID tokens", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, "train ID tokens", quiet=quiet, initial=trainer.step_done)
     try:
         for step in range(trainer.step_done, cfg.steps):
             loss = trainer.step(step)
@@ -545,7 +574,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
             if step_callback is not None:
                 step_callback(trainer.step_done, loss)
             if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
-                trainer.save_checkpoint(ckpt_dir)
+                bar.set_postfix_str(f"loss={loss:.4f}, rendering the step-{trainer.step_done} checkpoint's frames")
+                trainer.save_checkpoint(ckpt_dir, progress=not bar.disable)
+                bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
         loss_end = trainer.evaluation_loss()
         info = trainer.identity_info(cfg.steps)
@@ -561,12 +592,16 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         "task": "train",
         "identity": info.metadata(),
         "data": str(Path(cfg.data).resolve()),
+        "data_sha256": content_hash(cfg.data),
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
         "models": {"base": fingerprint(cfg.models.base)} | cfg.models.formats_record(),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
+        "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
+        "device": str(dev),
+        "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),  # for --from-record
     }
     write_sidecar(path, record)
     trainer.id_tokens.remove()
