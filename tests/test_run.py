@@ -111,22 +111,23 @@ def test_top_level_seed_is_the_old_name_of_the_video_seed(project, capsys):
 
 def test_training_shares_the_loaded_weights_with_the_video_stages(project, monkeypatch):
     """One load of the base model for train + generate, and the identity is bit for bit `magicme train`'s."""
-    import magicme.models
-    import magicme.train
+    import importlib
+
     from safetensors.torch import load_file
 
     from magicme.run import build_stage_configs
     from magicme.train import train
 
     loads = []
-    real = magicme.models.tiny_components
+    models, training = importlib.import_module("magicme.models"), importlib.import_module("magicme.train")
+    real = models.tiny_components
 
     def counted(*a, **k):
         loads.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(magicme.models, "tiny_components", counted)
-    monkeypatch.setattr(magicme.train, "tiny_components", counted)
+    monkeypatch.setattr(models, "tiny_components", counted)  # the module: `magicme.train` is also the function
+    monkeypatch.setattr(training, "tiny_components", counted)
     cfg = load_chain_config(write_config(project, "shared.yaml", work_dir="work-shared", face=False, upscale=False, evaluate=False))
     run_chain(cfg, **QUIET)
     assert len(loads) == 1  # loading separately for training and the video took two

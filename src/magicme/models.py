@@ -366,7 +366,8 @@ class ModelSpec:
     speed: SpeedOptions = SpeedOptions()  # dtype, low-VRAM set, torch.compile (speed.py)
     loras: tuple[str, ...] = ()  # "FILE[:SCALE]": kohya/A1111 or diffusers LoRAs of the image model (lora.py)
     motion_loras: tuple[str, ...] = ()  # "FILE[:SCALE]": AnimateDiff motion LoRAs
-    freeu: tuple[float, float, float, float] | None = None  # b1, b2, s1, s2; None: the preset's (off for most)
+    # b1, b2, s1, s2; True: SD1.5's values; None: the preset's (off for most)
+    freeu: tuple[float, float, float, float] | bool | None = None
     clip_skip: int = 0  # text-encoder layers skipped at the end (diffusers' clip_skip: 1 = A1111's "Clip skip 2")
 
     def __post_init__(self):
