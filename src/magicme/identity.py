@@ -31,6 +31,9 @@ class IdentityInfo:
     steps: int = 0
     hidden_size: int = 0
     masked: bool = True
+    backbone: str = "animatediff"  # "wan": for Wan 2.x (wan_identity.py)
+    form: str = "tokens"  # "tokens": K text-encoder rows; "lora": a LoRA on the transformer's attention
+    rank: int = 0  # LoRA rank (form "lora")
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, **{k: str(v) for k, v in asdict(self).items()}}
@@ -47,23 +50,31 @@ class IdentityInfo:
             steps=int(meta.get("steps", 0)),
             hidden_size=int(meta.get("hidden_size", 0)),
             masked=meta.get("masked", "True") == "True",
+            backbone=meta.get("backbone", "animatediff"),
+            form=meta.get("form", "tokens"),
+            rank=int(meta.get("rank", 0)),
         )
 
 
 def save_identity(path: str | Path, embeddings: torch.Tensor, info: IdentityInfo) -> Path:
     """Write the (num_vectors, hidden) embeddings with `info` as metadata, atomically."""
+    emb = embeddings.detach().to("cpu", torch.float32).contiguous()
+    if emb.ndim != 2 or emb.shape[0] != info.num_vectors:
+        raise ValueError(f"embeddings must be ({info.num_vectors}, hidden), got {tuple(emb.shape)}")
+    return write_safetensors(path, {EMBEDDING_KEY: emb}, info.metadata())
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write an identity's tensors with its metadata, atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"identity output {str(path)!r} must end in .safetensors")
-    emb = embeddings.detach().to("cpu", torch.float32).contiguous()
-    if emb.ndim != 2 or emb.shape[0] != info.num_vectors:
-        raise ValueError(f"embeddings must be ({info.num_vectors}, hidden), got {tuple(emb.shape)}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
     try:
-        save_file({EMBEDDING_KEY: emb}, tmp, metadata=info.metadata())
+        save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -85,9 +96,23 @@ def read_identity_info(path: str | Path) -> IdentityInfo:
             keys = list(f.keys())
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"--identity {str(path)!r} is not a readable .safetensors file ({e})") from None
-    if keys != [EMBEDDING_KEY]:
+    info = IdentityInfo.from_metadata(meta, path)
+    if info.form == "lora":
+        if not keys or not all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
+            raise ValueError(f"--identity {str(path)!r} says it is a LoRA but holds other tensors ({keys[:3]})")
+    elif keys != [EMBEDDING_KEY]:
         raise ValueError(f"--identity {str(path)!r} holds {keys}, expected one tensor {EMBEDDING_KEY!r}")
-    return IdentityInfo.from_metadata(meta, path)
+    return info
+
+
+def check_identity_backbone(path: str | Path, info: IdentityInfo, backbone: str) -> None:
+    """An identity is for one backbone: refuse a file trained for the other one (one line naming it)."""
+    if info.backbone != backbone:
+        names = {"animatediff": "AnimateDiff (SD-1.5)", "wan": "Wan 2.x"}
+        raise ValueError(
+            f"--identity {str(path)!r} is a {names.get(info.backbone, info.backbone)} identity ({info.form}); "
+            f"this model is {names.get(backbone, backbone)}: use a {names.get(info.backbone, info.backbone)} base model or retrain for this one"
+        )
 
 
 def read_identity(path: str | Path) -> tuple[torch.Tensor, IdentityInfo]:
@@ -119,6 +144,8 @@ def check_prompt_tokens(prompts: list[str], infos: list[IdentityInfo]) -> None:
 def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
     """Add each identity's tokens to `pipe`'s tokenizer and text encoder with stock `load_textual_inversion`."""
     infos = [read_identity_info(p) for p in paths]
+    for path, info in zip(paths, infos):
+        check_identity_backbone(path, info, "animatediff")
     vocab = pipe.tokenizer.get_vocab()
     for path, info in zip(paths, infos):
         if info.token in vocab:
@@ -138,7 +165,7 @@ def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
 
 def check_resume_compatible(path: str | Path, saved: IdentityInfo, wanted: IdentityInfo, saved_base: dict, wanted_base: dict) -> None:
     """A training checkpoint may only continue the same identity (token, vectors, class word) on the same base model."""
-    for field_name in ("token", "num_vectors", "class_word", "hidden_size"):
+    for field_name in ("token", "num_vectors", "class_word", "hidden_size", "backbone", "form", "rank"):
         a, b = getattr(saved, field_name), getattr(wanted, field_name)
         if a != b and (field_name != "hidden_size" or (a and b)):
             raise ValueError(

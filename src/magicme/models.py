@@ -295,9 +295,30 @@ class ModelSpec:
     scheduler: str = "ddim"
     preset: str = "full"  # "fast"/"lcm": a few-step adapter with its own scheduler (see PRESETS)
     speed: SpeedOptions = SpeedOptions()  # dtype, low-VRAM set, torch.compile (speed.py)
+    backbone: str = "auto"  # "animatediff", "wan", or "auto": from the base model's files (wan.py)
+
+    def resolved_backbone(self) -> str:
+        """'animatediff' or 'wan': as given, else read from the base model's `model_index.json`."""
+        from .wan import BACKBONES, detect_backbone
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        return detect_backbone(self.base) if self.backbone == "auto" else self.backbone
+
+    def base_fingerprint(self) -> dict:
+        """`fingerprint(base)`, telling the two tiny presets apart."""
+        if self.base == TINY and self.resolved_backbone() == "wan":
+            from .wan import tiny_wan_fingerprint
+
+            return tiny_wan_fingerprint()
+        return fingerprint(self.base)
 
     def check(self) -> None:
         self.speed.check()
+        if self.resolved_backbone() == "wan":
+            from .wan import check_wan_spec
+
+            return check_wan_spec(self)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.preset not in PRESETS:
@@ -337,9 +358,13 @@ class ModelSpec:
 
 
 def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available)."""
+    """An `AnimateDiffPipeline` for `spec` (a `WanPipeline` for the Wan backbone), on `device` (default: CUDA when available)."""
     from diffusers import AnimateDiffPipeline
 
+    if spec.resolved_backbone() == "wan":
+        from .wan import load_wan_pipeline
+
+        return load_wan_pipeline(spec, device, dtype)
     spec.check()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or spec.speed.torch_dtype(device)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .identity import IdentityInfo, check_resume_compatible, save_identity, token_pattern
-from .models import TINY, ModelSpec, fingerprint, load_base, tiny_components
+from .models import TINY, ModelSpec, load_base, tiny_components
 from .prepare import AugmentConfig, augment, load_identity_set, read_manifest
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,13 @@ def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | 
 
 
 class IdTrainer:
-    """Holds the models, the ID tokens, AdamW and the data; `step(k)` runs optimizer step k."""
+    """Holds the models, the ID tokens, AdamW and the data; `step(k)` runs optimizer step k.
+
+    What a backbone changes (wan_train.WanTrainer) is in `trainables`, `write_identity`, the loss and the
+    validation frames; the step, micro-batching, checkpoints and resume are shared.
+    """
+
+    label = "train ID tokens"
 
     def __init__(self, cfg: TrainConfig, parts: dict, images: np.ndarray, masks: np.ndarray, class_word: str, device: torch.device):
         self.cfg, self.parts, self.device = cfg, parts, device
@@ -265,14 +271,33 @@ class IdTrainer:
         self.vae, self.unet, self.text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
         self.tokenizer, self.noise_scheduler = parts["tokenizer"], parts["noise_scheduler"]
         self.id_tokens = IdTokens(self.tokenizer, self.text_encoder, cfg.token, cfg.num_vectors, class_word)
-        self.optimizer = torch.optim.AdamW([self.id_tokens.embeddings], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(list(self.trainables().values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = autocast_dtype(device, cfg.mixed_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.micro_batch = cfg.micro_batch or cfg.batch_size
         self.step_done = 0
 
+    @staticmethod
+    def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict:
+        return load_training_components(spec, device, dtype)
+
+    @staticmethod
+    def native_resolution(parts: dict) -> int:
+        return native_resolution(parts)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def trainables(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters AdamW trains, by the names the checkpoint stores them under (in the optimizer's order)."""
+        return {"id_embeddings": self.id_tokens.embeddings}
+
+    def write_identity(self, path: str | Path, steps: int) -> Path:
+        return save_identity(path, self.id_tokens.embeddings, self.identity_info(steps))
+
+    def release(self) -> None:
+        """Detach what training wired into the models (they may be reused)."""
+        self.id_tokens.remove()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         expanded = [expand_prompt(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
@@ -377,7 +402,7 @@ class IdTrainer:
         return {
             "step": self.step_done,
             "identity": self.identity_info(self.step_done).metadata(),
-            "base": fingerprint(cfg.models.base),
+            "base": cfg.models.base_fingerprint(),
             "settings": {k: getattr(cfg, k) for k in ("seed", "lr", "batch_size", "masked", "noise_offset", "full_mask_share", "weight_decay")}
             | {"resolution": self.images.shape[1]},
         }
@@ -390,11 +415,8 @@ class IdTrainer:
         dest = folder / f"step-{self.step_done:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
         try:
-            save_identity(tmp / "identity.safetensors", self.id_tokens.embeddings, self.identity_info(self.step_done))
-            state = self.optimizer.state.get(self.id_tokens.embeddings, {})
-            tensors = {"id_embeddings": self.id_tokens.embeddings.detach().cpu().contiguous()}
-            tensors |= {f"adamw.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
-            save_file(tensors, str(tmp / "state.safetensors"))
+            self.write_identity(tmp / "identity.safetensors", self.step_done)
+            save_file(self.state_tensors(), str(tmp / "state.safetensors"))
             record = self.state_record() | {"grad_scaler": self.scaler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             if validation and self.cfg.validation_images:
@@ -408,6 +430,18 @@ class IdTrainer:
             raise
         return dest
 
+    def _adam_prefix(self, name: str) -> str:
+        return "adamw." if len(self.trainables()) == 1 else f"adamw.{name}."
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors and AdamW's moments as `state.safetensors` holds them."""
+        named = self.trainables()
+        tensors = {n: p.detach().cpu().contiguous() for n, p in named.items()}
+        for n, p in named.items():
+            state = self.optimizer.state.get(p, {})
+            tensors |= {self._adam_prefix(n) + k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
+        return tensors
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore the ID vectors, AdamW's moments and the step; refuse a checkpoint of another identity/base."""
         from safetensors.torch import load_file
@@ -417,19 +451,24 @@ class IdTrainer:
             raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
         record = json.loads(record_path.read_text())
         saved = IdentityInfo.from_metadata(record["identity"], record_path)
-        base = json.loads(json.dumps(fingerprint(self.cfg.models.base)))  # as the record stores it (tuples → lists)
+        base = json.loads(json.dumps(self.cfg.models.base_fingerprint()))  # as the record stores it (tuples → lists)
         check_resume_compatible(record_path, saved, self.identity_info(0), record["base"], base)
         wanted = self.state_record()["settings"]
         changed = {k: (v, wanted[k]) for k, v in record["settings"].items() if wanted.get(k) != v}
         if changed:
             log.warning("--resume %s: settings differ from the checkpoint's, so the run will not match an uninterrupted one: %s", path, changed)
         tensors = load_file(str(path / "state.safetensors"))
-        with torch.no_grad():
-            self.id_tokens.embeddings.copy_(tensors["id_embeddings"].to(self.id_tokens.embeddings.device))
-        adam = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("adamw.")}
+        adam = {}
+        for i, (name, param) in enumerate(self.trainables().items()):
+            with torch.no_grad():
+                param.copy_(tensors[name].to(param.device))
+            prefix = self._adam_prefix(name)
+            moments = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            if moments:
+                adam[i] = {k: v.to(self.device) if k != "step" else v for k, v in moments.items()}
         if adam:
             sd = self.optimizer.state_dict()
-            sd["state"] = {0: {k: v.to(self.device) if k != "step" else v for k, v in adam.items()}}
+            sd["state"] = adam
             self.optimizer.load_state_dict(sd)
         if record.get("grad_scaler"):
             self.scaler.load_state_dict(record["grad_scaler"])
@@ -495,6 +534,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
 
     from .video import write_sidecar
 
+    trainer_class = IdTrainer
+    if cfg.models.resolved_backbone() == "wan":
+        from .wan_train import WanTrainer, wan_train_config
+
+        cfg, trainer_class = wan_train_config(cfg), WanTrainer
     cfg.check()
     manifest = read_manifest(cfg.data)
     class_word = (cfg.class_word or manifest["class_word"]).strip()
@@ -505,17 +549,17 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(dev, cfg.mixed_precision)
-    parts = load_training_components(cfg.models, dev, amp or torch.float32)
-    resolution = cfg.resolution or native_resolution(parts)
+    parts = trainer_class.load_components(cfg.models, dev, amp or torch.float32)
+    resolution = cfg.resolution or trainer_class.native_resolution(parts)
     images, masks, _ = load_identity_set(cfg.data, resolution)
-    trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
+    trainer = trainer_class(cfg, parts, images, masks, class_word, dev)
     if resume is not None:
         trainer.load_checkpoint(resume)
         if trainer.step_done >= cfg.steps:
             raise ValueError(f"--resume {str(resume)!r} is already at step {trainer.step_done}; raise --steps above it")
     loss_start = trainer.evaluation_loss()
     ckpt_dir = cfg.checkpoints()
-    bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="train ID tokens", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc=trainer.label, disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
     try:
         for step in range(trainer.step_done, cfg.steps):
             loss = trainer.step(step)
@@ -534,7 +578,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
     bar.close()
     loss_end = trainer.evaluation_loss()
     info = trainer.identity_info(cfg.steps)
-    path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
+    path = trainer.write_identity(cfg.out, cfg.steps)
     record = {
         "task": "train",
         "identity": info.metadata(),
@@ -542,10 +586,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
-        "models": {"base": fingerprint(cfg.models.base)},
+        "models": {"base": cfg.models.base_fingerprint()},
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
     }
     write_sidecar(path, record)
-    trainer.id_tokens.remove()
+    trainer.release()
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))
