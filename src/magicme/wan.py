@@ -77,7 +77,7 @@ def tiny_wan_components(preset: TinyWanPreset = TinyWanPreset()) -> dict:
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=preset.heads, attention_head_dim=preset.head_dim,
             in_channels=16, out_channels=16, text_dim=preset.text_dim, freq_dim=256, ffn_dim=32,
-            num_layers=preset.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+            num_layers=preset.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
         )
     for m in (text_encoder, vae, transformer):
         m.eval()
@@ -181,8 +181,8 @@ def load_wan_pipeline(spec, device: str | torch.device | None = None, dtype: tor
             pipe.text_encoder.to(dtype=dtype)
             pipe.transformer.to(dtype=dtype)
     else:
-        vae = _from_pretrained(AutoencoderKLWan, "base model", spec.base, subfolder="vae", torch_dtype=torch.float32)
-        pipe = _from_pretrained(WanPipeline, "base model", spec.base, vae=vae, torch_dtype=dtype)
+        vae = _from_pretrained(AutoencoderKLWan, "base model", spec.base, subfolder="vae", dtype=torch.float32)
+        pipe = _from_pretrained(WanPipeline, "base model", spec.base, vae=vae, dtype=dtype)
     if spec.speed.low_vram:
         pipe.vae.enable_tiling()
         if device.type == "cuda":
