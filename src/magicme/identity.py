@@ -165,7 +165,7 @@ def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
 
 def check_resume_compatible(path: str | Path, saved: IdentityInfo, wanted: IdentityInfo, saved_base: dict, wanted_base: dict) -> None:
     """A training checkpoint may only continue the same identity (token, vectors, class word) on the same base model."""
-    for field_name in ("token", "num_vectors", "class_word", "hidden_size", "backbone", "form", "rank"):
+    for field_name in ("backbone", "form", "token", "num_vectors", "class_word", "hidden_size", "rank"):
         a, b = getattr(saved, field_name), getattr(wanted, field_name)
         if a != b and (field_name != "hidden_size" or (a and b)):
             raise ValueError(

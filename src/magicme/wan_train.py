@@ -115,7 +115,7 @@ class WanTrainer(IdTrainer):
         if cfg.form == "tokens":
             self.id_tokens = IdTokens(self.tokenizer, self.text_encoder, cfg.token, cfg.num_vectors, class_word)
         else:
-            self.lora = add_attention_lora(self.transformer, cfg.lora_rank)
+            self.lora = add_attention_lora(self.transformer, cfg.lora_rank, cfg.seed)
         self.label = f"train Wan {'ID tokens' if cfg.form == 'tokens' else 'LoRA'}"
         self.pipe = self.prompt_pipe()
         self.optimizer = torch.optim.AdamW(list(self.trainables().values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -247,13 +247,17 @@ class WanTrainer(IdTrainer):
         return Image.fromarray(row)
 
 
-def add_attention_lora(transformer, rank: int) -> dict[str, torch.nn.Parameter]:
-    """A peft LoRA (alpha = rank) on every attention projection; return its parameters by diffusers' names."""
+def add_attention_lora(transformer, rank: int, seed: int) -> dict[str, torch.nn.Parameter]:
+    """A peft LoRA (alpha = rank, B = 0 so it starts as the base model) on every attention projection, seeded.
+
+    Returns its parameters by diffusers' names (`blocks.0.attn1.to_q.lora_A.weight`).
+    """
     from peft import LoraConfig
 
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)), adapter_name="identity"
-    )
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+    with torch.random.fork_rng(devices=[]):  # A's random init from the run's seed, the caller's RNG untouched
+        torch.manual_seed(seed)
+        transformer.add_adapter(config, adapter_name="identity")
     params = {}
     for name, p in transformer.named_parameters():
         if ".lora_" in name:
