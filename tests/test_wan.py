@@ -108,3 +108,10 @@ def test_cli_generate_with_a_wan_folder(wan_dir, tmp_path, capsys):
     assert record["fps"] == 16 and record["backbone"] == "wan"  # Wan's own frame rate by default
     assert main(["generate", "--base", str(wan_dir), "--prompt", "a dog", "--motion-adapter", "a/b", "--out", str(tmp_path / "y.mp4")]) == 2
     assert "--motion-adapter" in capsys.readouterr().err
+
+
+def test_video_to_video_stages_refuse_wan_in_one_line(tmp_path, capsys):
+    clip = tmp_path / "in.gif"
+    assert main(["v2v", "--video", str(clip), "--prompt", "a dog", "--backbone", "wan", "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "AnimateDiff only" in err

@@ -82,12 +82,13 @@ def test_token_identity_loads_by_the_readme_steps(prepared, tmp_path):
     # the README's steps, by hand, on a stock pipeline
     pipe = stock_wan()
     emb = load_file(str(result.path))["emb_params"]  # (K, d): d = 4096 for real Wan
-    words = ["<v*>"] + [f"<v*>_{i}" for i in range(1, emb.shape[0])]
+    words = ["<v*>"] + [f"<v*>_{i}" for i in range(1, len(emb))]
     pipe.tokenizer.add_tokens(words)
     ids = pipe.tokenizer.convert_tokens_to_ids(words)
     table = pipe.text_encoder.get_input_embeddings()
     if max(ids) >= table.weight.shape[0]:
         pipe.text_encoder.resize_token_embeddings(max(ids) + 1)
+        table = pipe.text_encoder.get_input_embeddings()
     table.weight.data[ids] = emb.to(table.weight.dtype)
     by_hand, _ = pipe.encode_prompt("a photo of a <v*> <v*>_1 <v*>_2 <v*>_3 toy", do_classifier_free_guidance=False, max_sequence_length=512)
     # magicme's loader, and the trainer that learned the vectors, see the same prompt embeddings

@@ -124,6 +124,9 @@ def cmd_train(args) -> None:
 
 def _v2v_settings(args) -> dict:
     """Arguments shared by the V2V stages (v2v, face, upscale)."""
+    models = _model_spec(args)
+    if models.resolved_backbone() == "wan":
+        raise ValueError(f"magicme {args.command} runs on AnimateDiff only for now (Wan's video-to-video stages are not built yet); give an SD-1.5-family --base")
     return dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -135,7 +138,7 @@ def _v2v_settings(args) -> dict:
         fps=args.fps,
         context=args.context,
         identities=args.identity or [],
-        models=_model_spec(args),
+        models=models,
     )
 
 

@@ -67,6 +67,13 @@ def load_token_identity(pipe, path: str | Path, info: IdentityInfo) -> None:
         table.weight[ids] = emb.to(table.weight.device, table.weight.dtype)
 
 
+def require_peft(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ValueError(f"{what} needs peft: pip install 'magicme[wan]'")
+
+
 def lora_adapter_name(path: str | Path) -> str:
     """A stable adapter name per file content (so a reused pipeline loads each file once)."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
@@ -83,6 +90,7 @@ def load_wan_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
         if info.form == "tokens":
             load_token_identity(pipe, path, info)
             continue
+        require_peft(f"--identity {str(path)!r} (a LoRA)")
         name = lora_adapter_name(path)
         if name not in sum(pipe.get_list_adapters().values(), []):
             pipe.load_lora_weights(str(path), adapter_name=name)

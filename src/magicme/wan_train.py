@@ -24,7 +24,7 @@ from .identity import IdentityInfo, save_identity
 from .models import TINY, ModelSpec
 from .train import IdTokens, IdTrainer, TrainConfig, TEMPLATES, expand_prompt, latent_mask, masked_diffusion_loss, offset_noise
 from .wan import TinyWanPreset, WanDefaults, encode_wan_video, flow_shift, tiny_wan_components
-from .wan_identity import LORA_TARGETS, save_wan_lora
+from .wan_identity import LORA_TARGETS, require_peft, save_wan_lora
 
 FORMS = ("tokens", "lora")
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default prompt length: train on the embeddings it will see
@@ -53,6 +53,8 @@ class WanTrainConfig(TrainConfig):
             raise ValueError(f"--form must be one of {', '.join(FORMS)}, got {self.form!r}")
         if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 1:
             raise ValueError(f"--lora-rank must be an integer >= 1, got {self.lora_rank!r}")
+        if self.form == "lora":
+            require_peft("--form lora")
         super().check()
 
 
