@@ -116,7 +116,8 @@ def _required(args, dest: str):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default)")
+    g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default); or a Wan 2.x T2V diffusers model")
+    g.add_argument("--backbone", default="auto", choices=["auto", "animatediff", "wan"], help="auto (default): from --base's model_index.json; --base tiny --backbone wan is the tiny Wan preset")
     g.add_argument("--motion-adapter", default=None, help="AnimateDiff motion module: hub id, diffusers folder, or a file such as mm_sd_v15_v2.ckpt / v3_sd15_mm.ckpt / a .safetensors copy (default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2)")
     g.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
     g.add_argument("--scheduler", default=None, help="ddim (default), euler, dpmpp-2m (= dpm), dpmpp-2m-karras; --preset fast/lcm/reference bring their own")
@@ -142,7 +143,7 @@ def _model_spec(args):
         raise ValueError(f"--scheduler cannot be combined with --preset {preset}: its adapter needs the scheduler it was distilled on")
     return ModelSpec(
         base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
-        scheduler=args.scheduler or "ddim", preset=preset,
+        scheduler=args.scheduler or "ddim", preset=preset, backbone=getattr(args, "backbone", "auto"),
         speed=SpeedOptions(dtype=args.dtype, low_vram=args.low_vram, attention_slicing=args.attention_slicing, compile=args.compile),
         loras=tuple(args.lora or ()), motion_loras=tuple(args.motion_lora or ()), freeu=_freeu(args.freeu),
         clip_skip=args.clip_skip,
@@ -168,20 +169,23 @@ def _identities(args) -> list[str]:
 def cmd_generate(args) -> None:
     from .generate import GenerateConfig, generate
     from .long_video import parse_prompt_at
+    from .wan_generate import default_clip
 
+    models = _model_spec(args)
+    frames, fps = default_clip(models)
     cfg = GenerateConfig(
         prompts=args.prompt or [],
         negative_prompt=args.negative_prompt,
         seeds=args.seed or [0],
-        frames=args.frames,
+        frames=frames if args.frames is None else args.frames,
         height=args.height,
         width=args.width,
         steps=args.steps,
         guidance=args.guidance,
         gamma=args.gamma,
-        fps=args.fps,
+        fps=fps if args.fps is None else args.fps,
         identities=_identities(args),
-        models=_model_spec(args),
+        models=models,
         prompt_at=parse_prompt_at(args.prompt_at or []),
         context_length=args.context_length,
         context_stride=args.context_stride,
@@ -213,13 +217,13 @@ def cmd_train(args) -> None:
     from .models import ModelSpec
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(
+    settings = dict(
         data=args.data,
         token=args.token,
         class_word=args.class_word,
         num_vectors=args.num_vectors,
         steps=args.steps,
-        lr=args.lr,
+        **({"lr": args.lr} if args.lr is not None else {}),
         batch_size=args.batch_size,
         micro_batch=args.micro_batch,
         masked=not args.no_mask,
@@ -229,19 +233,31 @@ def cmd_train(args) -> None:
         mixed_precision=args.mixed_precision,
         out=args.out,
         resume=args.resume,
-        models=ModelSpec(base=args.base, base_config=args.base_config, loras=tuple(args.lora or ())),
+        models=ModelSpec(base=args.base, base_config=args.base_config, loras=tuple(args.lora or ()), backbone=args.backbone),
     )
+    if settings["models"].resolved_backbone() == "wan":
+        from .wan_train import WanTrainConfig
+
+        cfg = WanTrainConfig(**settings, form=args.form, lora_rank=args.lora_rank)
+    elif args.form != "tokens":
+        raise ValueError(f"--form {args.form} is for the Wan backbone; an AnimateDiff identity is ID tokens")
+    else:
+        cfg = TrainConfig(**settings)
     cfg = _apply_record(args, cfg)
     _required(cfg, "data")
     res = train(cfg, quiet=args.quiet, device=args.device)
     _warn_tiny(args, cfg.models.base)
     print(f"masked loss on the identity set: {res.loss_start:.4f} -> {res.loss_end:.4f}")
-    print(f"wrote {res.path} ({res.size_bytes / 1024:.1f} KB, {cfg.num_vectors} vectors; the paper's is 16 KB)")
+    what = f"LoRA rank {cfg.lora_rank}" if getattr(cfg, "form", "tokens") == "lora" else f"{cfg.num_vectors} vectors; the paper's is 16 KB"
+    print(f"wrote {res.path} ({res.size_bytes / 1024:.1f} KB, {what})")
     print(f'use it: magicme generate --identity {res.path} --prompt "a {cfg.token} ... "')
 
 
 def _v2v_settings(args) -> dict:
     """Arguments shared by the V2V stages (v2v, face, upscale)."""
+    models = _model_spec(args)
+    if models.resolved_backbone() == "wan":
+        raise ValueError(f"magicme {args.command} runs on AnimateDiff only for now (Wan's video-to-video stages are not built yet); give an SD-1.5-family --base")
     return dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -253,7 +269,7 @@ def _v2v_settings(args) -> dict:
         fps=args.fps,
         context=args.context,
         identities=_identities(args),
-        models=_model_spec(args),
+        models=models,
     )
 
 
@@ -344,8 +360,9 @@ def cmd_identity_convert(args) -> None:
 
 def cmd_tiny_model_save(args) -> None:
     from .models import save_tiny_model
+    from .wan import save_tiny_wan_model
 
-    print(save_tiny_model(args.dir))
+    print(save_tiny_wan_model(args.dir) if args.backbone == "wan" else save_tiny_model(args.dir))
 
 
 def cmd_run(args) -> None:
@@ -451,13 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-at", action="append", metavar="FRAME:PROMPT", help="prompt from FRAME on, blended from the one before (prompt travel); repeat")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, action="append", help="seed; repeat for several seeds (default 0)")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=int, default=None, help="frames (default 16; Wan: 81, and any count runs as the next 1 + 4k)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's: 25 full, 4 fast, 6 lcm)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's: 7.5 full, 1.0 fast, 1.5 lcm)")
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, default=None, help="default 8; Wan: 16")
     w = p.add_argument_group("long videos (FreeNoise windows; on by themselves past 16 frames)")
     w.add_argument("--context-length", type=int, default=None, help="frames per window (default 16, the motion module's)")
     w.add_argument("--context-stride", type=int, default=4, help="frames between window starts (default 4)")
@@ -491,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-word", default=None, help="default: the prepared set's")
     p.add_argument("--num-vectors", type=int, default=4)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (§5.2); a Wan LoRA: 1e-4")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=None, help="accumulate gradients over micro-batches of this size (default: whole batch, halved on out-of-memory)")
     p.add_argument("--no-mask", action="store_true", help="loss on the whole image (the paper's ablation)")
@@ -501,9 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="auto", help="auto, no, fp16, bf16")
     p.add_argument("--out", default="id.safetensors")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from a checkpoint folder (default: the latest beside --out)")
-    p.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny'")
+    p.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny'; or a Wan 2.x T2V diffusers model")
     p.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]", help="train with this LoRA active (optional; the identity is then tuned to the LoRA'd model)")
+    p.add_argument("--backbone", default="auto", choices=["auto", "animatediff", "wan"], help="auto (default): from --base's model_index.json; --base tiny --backbone wan is the tiny Wan preset")
+    p.add_argument("--form", default="tokens", choices=["tokens", "lora"], help="Wan: tokens (extended ID tokens in UMT5, default) or lora (masked-loss LoRA on the transformer's attention)")
+    p.add_argument("--lora-rank", type=int, default=16, help="Wan --form lora: LoRA rank (alpha = rank)")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_from_record(p)
@@ -598,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     s = tiny.add_parser("save", help="write it as a stock diffusers folder plus DIR/motion_adapter")
     s.add_argument("dir")
+    s.add_argument("--backbone", default="animatediff", choices=["animatediff", "wan"], help="wan: the tiny Wan preset, a stock WanPipeline folder")
     s.set_defaults(func=cmd_tiny_model_save)
 
     p = sub.add_parser("demo", help="the main job on the tiny preset, offline")

@@ -204,8 +204,12 @@ def generate(
     """Run T2V VCD for every prompt × seed in `cfg`, writing each video and its run record; return the paths.
 
     `step_callback` is the pipeline's `callback_on_step_end` (progress; raising from it stops the run
-    before anything of that clip is written).
+    before anything of that clip is written). A Wan model runs `wan_generate.generate_wan`.
     """
+    if cfg.models.resolved_backbone() == "wan":
+        from .wan_generate import generate_wan
+
+        return generate_wan(cfg, out, pipe=pipe, quiet=quiet, device=device, step_callback=step_callback)
     cfg.check()
     cfg = cfg.resolved()
     paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)

@@ -369,6 +369,7 @@ class ModelSpec:
     # b1, b2, s1, s2; True: SD1.5's values; None: the preset's (off for most)
     freeu: tuple[float, float, float, float] | bool | None = None
     clip_skip: int = 0  # text-encoder layers skipped at the end (diffusers' clip_skip: 1 = A1111's "Clip skip 2")
+    backbone: str = "auto"  # "animatediff", "wan", or "auto": from the base model's files (wan.py)
 
     def __post_init__(self):
         # config files and the UI give lists; the spec is a cache key, so it holds tuples
@@ -382,8 +383,28 @@ class ModelSpec:
         elif self.freeu is not None and not isinstance(self.freeu, str):
             object.__setattr__(self, "freeu", tuple(self.freeu))
 
+    def resolved_backbone(self) -> str:
+        """'animatediff' or 'wan': as given, else read from the base model's `model_index.json`."""
+        from .wan import BACKBONES, detect_backbone
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        return detect_backbone(self.base) if self.backbone == "auto" else self.backbone
+
+    def base_fingerprint(self) -> dict:
+        """`fingerprint(base)`, telling the two tiny presets apart."""
+        if self.base == TINY and self.resolved_backbone() == "wan":
+            from .wan import tiny_wan_fingerprint
+
+            return tiny_wan_fingerprint()
+        return fingerprint(self.base)
+
     def check(self) -> None:
         self.speed.check()
+        if self.resolved_backbone() == "wan":
+            from .wan import check_wan_spec
+
+            return check_wan_spec(self)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.preset not in PRESETS:
@@ -502,8 +523,12 @@ def load_pipeline(
     """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available).
 
     `base_parts`: the base model's components already loaded (`load_base` / `tiny_components`), built on
-    instead of loading them again (`magicme run` trains on them first).
+    instead of loading them again (`magicme run` trains on them first). A Wan spec gives a `WanPipeline`.
     """
+    if spec.resolved_backbone() == "wan":
+        from .wan import load_wan_pipeline
+
+        return load_wan_pipeline(spec, device, dtype)
     spec.check()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or spec.speed.torch_dtype(device)

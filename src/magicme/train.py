@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .identity import IdentityInfo, check_resume_compatible, save_identity, token_pattern
-from .models import TINY, ModelSpec, fingerprint, load_base, tiny_components
+from .models import TINY, ModelSpec, load_base, tiny_components
 from .prepare import AugmentConfig, augment, load_identity_set, read_manifest
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,13 @@ def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | 
 
 
 class IdTrainer:
-    """Holds the models, the ID tokens, AdamW and the data; `step(k)` runs optimizer step k."""
+    """Holds the models, the ID tokens, AdamW and the data; `step(k)` runs optimizer step k.
+
+    What a backbone changes (wan_train.WanTrainer) is in `trainables`, `write_identity`, the loss and the
+    validation frames; the step, micro-batching, checkpoints and resume are shared.
+    """
+
+    label = "train ID tokens"
 
     def __init__(self, cfg: TrainConfig, parts: dict, images: np.ndarray, masks: np.ndarray, class_word: str, device: torch.device):
         self.cfg, self.parts, self.device = cfg, parts, device
@@ -280,7 +286,7 @@ class IdTrainer:
         self.vae, self.unet, self.text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
         self.tokenizer, self.noise_scheduler = parts["tokenizer"], parts["noise_scheduler"]
         self.id_tokens = IdTokens(self.tokenizer, self.text_encoder, cfg.token, cfg.num_vectors, class_word)
-        self.optimizer = torch.optim.AdamW([self.id_tokens.embeddings], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(list(self.trainables().values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = autocast_dtype(device, cfg.mixed_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.micro_batch = cfg.micro_batch or cfg.batch_size
@@ -288,8 +294,27 @@ class IdTrainer:
         self.loss_start: float | None = None  # the run's first evaluation loss, kept across --resume
         self.saved: Path | None = None  # the checkpoint of step `step_done`, once written
 
+    @staticmethod
+    def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict:
+        return load_training_components(spec, device, dtype)
+
+    @staticmethod
+    def native_resolution(parts: dict) -> int:
+        return native_resolution(parts)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def trainables(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters AdamW trains, by the names the checkpoint stores them under (in the optimizer's order)."""
+        return {"id_embeddings": self.id_tokens.embeddings}
+
+    def write_identity(self, path: str | Path, steps: int) -> Path:
+        return save_identity(path, self.id_tokens.embeddings, self.identity_info(steps))
+
+    def release(self) -> None:
+        """Detach what training wired into the models (they may be reused)."""
+        self.id_tokens.remove()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         expanded = [expand_prompt(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
@@ -387,7 +412,7 @@ class IdTrainer:
             steps=steps,
             hidden_size=int(self.id_tokens.embeddings.shape[1]),
             masked=self.cfg.masked,
-            base_fingerprint=fingerprint(self.cfg.models.base).get("fingerprint", ""),
+            base_fingerprint=self.cfg.models.base_fingerprint().get("fingerprint", ""),
         )
 
     def state_record(self) -> dict:
@@ -396,7 +421,7 @@ class IdTrainer:
             "step": self.step_done,
             "loss_start": self.loss_start,
             "identity": self.identity_info(self.step_done).metadata(),
-            "base": fingerprint(cfg.models.base),
+            "base": cfg.models.base_fingerprint(),
             "settings": {k: getattr(cfg, k) for k in ("seed", "lr", "batch_size", "masked", "noise_offset", "full_mask_share", "weight_decay")}
             | {"resolution": self.images.shape[1]},
         }
@@ -409,11 +434,8 @@ class IdTrainer:
         dest = folder / f"step-{self.step_done:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
         try:
-            save_identity(tmp / "identity.safetensors", self.id_tokens.embeddings, self.identity_info(self.step_done))
-            state = self.optimizer.state.get(self.id_tokens.embeddings, {})
-            tensors = {"id_embeddings": self.id_tokens.embeddings.detach().cpu().contiguous()}
-            tensors |= {f"adamw.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
-            save_file(tensors, str(tmp / "state.safetensors"))
+            self.write_identity(tmp / "identity.safetensors", self.step_done)
+            save_file(self.state_tensors(), str(tmp / "state.safetensors"))
             record = self.state_record() | {"grad_scaler": self.scaler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             if validation and self.cfg.validation_images:
@@ -428,6 +450,18 @@ class IdTrainer:
         self.saved = dest
         return dest
 
+    def _adam_prefix(self, name: str) -> str:
+        return "adamw." if len(self.trainables()) == 1 else f"adamw.{name}."
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors and AdamW's moments as `state.safetensors` holds them."""
+        named = self.trainables()
+        tensors = {n: p.detach().cpu().contiguous() for n, p in named.items()}
+        for n, p in named.items():
+            state = self.optimizer.state.get(p, {})
+            tensors |= {self._adam_prefix(n) + k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
+        return tensors
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore the ID vectors, AdamW's moments and the step; refuse a checkpoint of another identity/base."""
         from safetensors.torch import load_file
@@ -437,7 +471,7 @@ class IdTrainer:
             raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
         record = json.loads(record_path.read_text())
         saved = IdentityInfo.from_metadata(record["identity"], record_path)
-        base = json.loads(json.dumps(fingerprint(self.cfg.models.base)))  # as the record stores it (tuples → lists)
+        base = json.loads(json.dumps(self.cfg.models.base_fingerprint()))  # as the record stores it (tuples → lists)
         check_resume_compatible(record_path, saved, self.identity_info(0), record["base"], base)
         wanted = self.state_record()["settings"]
         changed = {k: (v, wanted[k]) for k, v in record["settings"].items() if wanted.get(k) != v}
@@ -447,12 +481,17 @@ class IdTrainer:
         self.loss_start = record.get("loss_start")
         if self.loss_start is None:  # a checkpoint from before it was kept: the vectors are still the run's start
             self.loss_start = self.evaluation_loss()
-        with torch.no_grad():
-            self.id_tokens.embeddings.copy_(tensors["id_embeddings"].to(self.id_tokens.embeddings.device))
-        adam = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("adamw.")}
+        adam = {}
+        for i, (name, param) in enumerate(self.trainables().items()):
+            with torch.no_grad():
+                param.copy_(tensors[name].to(param.device))
+            prefix = self._adam_prefix(name)
+            moments = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            if moments:
+                adam[i] = {k: v.to(self.device) if k != "step" else v for k, v in moments.items()}
         if adam:
             sd = self.optimizer.state_dict()
-            sd["state"] = {0: {k: v.to(self.device) if k != "step" else v for k, v in adam.items()}}
+            sd["state"] = adam
             self.optimizer.load_state_dict(sd)
         if record.get("grad_scaler"):
             self.scaler.load_state_dict(record["grad_scaler"])
@@ -543,6 +582,11 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
     from .records import absolute_paths, content_hash, dtype_name, to_jsonable
     from .video import write_sidecar
 
+    trainer_class = IdTrainer
+    if cfg.models.resolved_backbone() == "wan":
+        from .wan_train import WanTrainer, wan_train_config
+
+        cfg, trainer_class = wan_train_config(cfg), WanTrainer
     cfg.check()
     manifest = read_manifest(cfg.data)
     class_word = (cfg.class_word or manifest["class_word"]).strip()
@@ -553,10 +597,11 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(dev, cfg.mixed_precision)
-    parts = load_training_components(cfg.models, dev, amp or torch.float32, base_parts=components)
-    resolution = cfg.resolution or native_resolution(parts)
+    parts = (load_training_components(cfg.models, dev, amp or torch.float32, base_parts=components) if components is not None
+             else trainer_class.load_components(cfg.models, dev, amp or torch.float32))
+    resolution = cfg.resolution or trainer_class.native_resolution(parts)
     images, masks, _ = load_identity_set(cfg.data, resolution)
-    trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
+    trainer = trainer_class(cfg, parts, images, masks, class_word, dev)
     if resume is not None:
         trainer.load_checkpoint(resume)
         if trainer.step_done > cfg.steps:
@@ -565,7 +610,7 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
         trainer.loss_start = trainer.evaluation_loss()
     loss_start = trainer.loss_start
     ckpt_dir = cfg.checkpoints()
-    bar = progress_bar(cfg.steps, "train ID tokens", quiet=quiet, initial=trainer.step_done)
+    bar = progress_bar(cfg.steps, trainer.label, quiet=quiet, initial=trainer.step_done)
     try:
         for step in range(trainer.step_done, cfg.steps):
             loss = trainer.step(step)
@@ -580,7 +625,7 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
         bar.close()
         loss_end = trainer.evaluation_loss()
         info = trainer.identity_info(cfg.steps)
-        path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
+        path = trainer.write_identity(cfg.out, cfg.steps)
     except KeyboardInterrupt:
         bar.close()
         if trainer.step_done > 0:
@@ -596,7 +641,7 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
-        "models": {"base": fingerprint(cfg.models.base)} | cfg.models.formats_record(),
+        "models": {"base": cfg.models.base_fingerprint()} | cfg.models.formats_record(),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
         "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
@@ -604,5 +649,5 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
         "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),  # for --from-record
     }
     write_sidecar(path, record)
-    trainer.id_tokens.remove()
+    trainer.release()
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))
