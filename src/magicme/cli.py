@@ -26,8 +26,12 @@ def _warn_tiny(args, base: str, flag: str = "--base") -> None:
 
     Said once the output is written, beside its name (bad input gets its one error line and nothing else)."""
     if base == "tiny":
-        _warn(args, f"{flag} tiny is the random-weight test model: the output is noise, not a picture; "
-                    f"for real output {_real_weights_hint(flag)}")
+        hint = _real_weights_hint(flag)
+        if getattr(args, "backbone", None) == "wan":
+            from .wan import DEFAULT_WAN
+
+            hint = f"name real weights, e.g. {flag} {DEFAULT_WAN} (a hub id, downloaded once) or a local diffusers folder"
+        _warn(args, f"{flag} tiny is the random-weight test model: the output is noise, not a picture; for real output {hint}")
 
 
 def _shows_default(action: argparse.Action) -> bool:
@@ -256,8 +260,6 @@ def cmd_train(args) -> None:
 def _v2v_settings(args) -> dict:
     """Arguments shared by the V2V stages (v2v, face, upscale)."""
     models = _model_spec(args)
-    if models.resolved_backbone() == "wan":
-        raise ValueError(f"magicme {args.command} runs on AnimateDiff only for now (Wan's video-to-video stages are not built yet); give an SD-1.5-family --base")
     return dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,

@@ -98,6 +98,13 @@ def save_tiny_wan_model(folder: str | Path, preset: TinyWanPreset = TinyWanPrese
     return folder
 
 
+def wan_native_side(spec) -> int:
+    """The side of a square crop (Face VCD) or tile (Tiled VCD) on Wan: the tiny preset's 64, else 480 (Wan's 480p)."""
+    from .models import TINY
+
+    return TinyWanPreset().resolution if spec.base == TINY else WanDefaults().height
+
+
 def tiny_wan_fingerprint() -> dict:
     return {"name": "tiny", "backbone": "wan", "preset": asdict(TinyWanPreset())}
 
@@ -186,8 +193,9 @@ def load_wan_pipeline(spec, device: str | torch.device | None = None, dtype: tor
     else:
         vae = _from_pretrained(AutoencoderKLWan, "base model", spec.base, subfolder="vae", dtype=torch.float32)
         pipe = _from_pretrained(WanPipeline, "base model", spec.base, vae=vae, dtype=dtype)
-    if spec.speed.low_vram:
+    if spec.speed.low_vram:  # what diffusers offers for Wan: VAE tiling and slicing, model CPU offload
         pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
         if device.type == "cuda":
             pipe.enable_model_cpu_offload(device=device)  # each model on the GPU only while it runs
             return pipe
@@ -217,7 +225,7 @@ def encode_wan_video(vae, video: torch.Tensor, sample: torch.Tensor | None = Non
     dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
     z = dist.mean if sample is None else dist.mean + dist.std * sample.to(dist.mean.device, dist.mean.dtype)
     mean, std = latent_statistics(vae, z.dtype, z.device)
-    return (z - mean) / std
+    return (z - mean) * (1.0 / std)  # the stock pipelines' rounding: multiply by the reciprocal
 
 
 def flow_shift(scheduler) -> float:
