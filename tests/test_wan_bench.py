@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import WanPipeline
 
@@ -40,13 +41,37 @@ def test_full_size_components_have_wan_1_3b_shapes():
     assert count == {"transformer": 1_418_996_800, "text_encoder": 5_680_910_336, "vae": 126_892_531}
 
 
-def test_low_vram_tiles_and_slices_the_vae_and_offloads_on_cuda(monkeypatch):
+def test_low_vram_tiles_and_slices_the_vae_and_offloads_in_blocks_on_cuda(monkeypatch):
+    import magicme.wan
+
     spec = ModelSpec(base="tiny", backbone="wan", speed=SpeedOptions(low_vram=True))
     pipe = load_wan_pipeline(spec, device="cpu")
     assert pipe.vae.use_tiling and pipe.vae.use_slicing
     assert not load_wan_pipeline(ModelSpec(base="tiny", backbone="wan"), device="cpu").vae.use_tiling
     offloaded = []
-    monkeypatch.setattr(WanPipeline, "enable_model_cpu_offload", lambda self, device=None: offloaded.append(device))
+    monkeypatch.setattr(magicme.wan, "offload_in_blocks", lambda pipe, device: offloaded.append(device))
     monkeypatch.setattr(WanPipeline, "to", lambda self, *a, **k: (_ for _ in ()).throw(AssertionError("moved whole")))
-    load_wan_pipeline(spec, device="cuda", dtype=torch.float32)  # on CUDA each model goes to the GPU only while it runs
+    load_wan_pipeline(spec, device="cuda", dtype=torch.float32)
     assert offloaded == [torch.device("cuda")]
+
+
+def test_block_offloading_keeps_the_frames_of_t2v_and_v2v():
+    """The hooks `--low-vram` puts on UMT5 and the transformer (here onloading to the CPU itself) change no value."""
+    from diffusers.hooks.group_offloading import _get_group_onload_device
+
+    from magicme.wan import offload_in_blocks, tiny_wan_components
+    from magicme.wan_generate import wan_video
+    from magicme.wan_v2v import wan_partial_denoise, wan_video_pipeline
+
+    pipe = WanPipeline(**tiny_wan_components())
+    pipe.set_progress_bar_config(disable=True)
+
+    def both():
+        t2v = wan_video(pipe, "a dog", seed=1, frames=5, height=32, width=32, steps=2)
+        return t2v, wan_partial_denoise(wan_video_pipeline(pipe), t2v[None], "a dog", strength=0.5, seeds=[0], steps=4)
+
+    plain = both()
+    offload_in_blocks(pipe, torch.device("cpu"))
+    assert _get_group_onload_device(pipe.text_encoder) == _get_group_onload_device(pipe.transformer) == torch.device("cpu")
+    for a, b in zip(plain, both()):
+        assert np.array_equal(a, b)

@@ -343,7 +343,7 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
         raise ValueError(f"--video frames must be at least {scale}×{scale} pixels (the VAE's scale), got {w}×{h}")
     clip = resize_frames(frames.astype(np.float32) / 255.0, h // scale * scale, w // scale * scale)
     with progress_bar(denoising_steps(cfg.steps, cfg.strength), "v2v", quiet=quiet) as bar:
-        if f > cfg.context:
+        if f > cfg.context and not is_wan_spec(cfg.models):  # Wan denoises the whole clip at once
             bar.set_postfix_str(f"{f} frames in windows of {cfg.context}")
         result = partial_denoise_windows(
             v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
