@@ -105,6 +105,7 @@ def test_token_identity_words_are_expanded_from_the_tokenizer(pipes, tmp_path):
                          IdentityInfo(token="<v*>", class_word="toy", num_vectors=3, hidden_size=32, backbone="wan"))
     load_wan_identities(pipe, [str(path)])
     assert expand_loaded_tokens(pipe.tokenizer, "a <v*> toy") == "a <v*> <v*>_1 <v*>_2 toy"
+    assert expand_loaded_tokens(pipe.tokenizer, "a <v*>2 toy") == "a <v*>2 toy"  # whole words only
     assert expand_loaded_tokens(pipes[0].tokenizer, "a <v*> toy") == "a <v*> toy"  # nothing loaded there
 
 

@@ -17,7 +17,6 @@ import torch
 from .noise_prior import latent_noise_prior
 from .wan import encode_wan_video
 from .wan_generate import wan_frame_count
-from .wan_identity import id_token_words
 
 
 def is_wan(pipe) -> bool:
@@ -52,14 +51,15 @@ def expand_loaded_tokens(tokenizer, prompt: str) -> str:
     Read from the tokenizer itself, as stock diffusers' textual-inversion prompts are, so a stage needs only the
     pipeline; a LoRA identity's trigger word is not an added token and stays as written.
     """
+    from .train import expand_prompt
+
     added = set(tokenizer.get_added_vocab())
     for word in sorted(added, key=len, reverse=True):
-        if f"{word}_1" not in added or word not in prompt:
-            continue
         k = 1
         while f"{word}_{k}" in added:
             k += 1
-        prompt = prompt.replace(word, " ".join(id_token_words(word, k)))
+        if k > 1:
+            prompt = expand_prompt(prompt, word, k)  # whole words only: '<v*>' not inside '<v*>_1'
     return prompt
 
 
