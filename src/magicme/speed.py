@@ -74,6 +74,8 @@ def apply_speed_options(pipe, options: SpeedOptions, device: torch.device):
     options.check()
     if options.fp8:
         check_fp8(device)
+    if getattr(pipe, "motion_adapter", None) is not None:  # its weights were copied into the UNet: a second copy
+        pipe.register_modules(motion_adapter=None)
     if options.attention_slicing:
         slice_attention(pipe.unet)
     elif options.fuse_qkv:  # sliced attention needs the separate projections
