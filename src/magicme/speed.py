@@ -74,8 +74,6 @@ def apply_speed_options(pipe, options: SpeedOptions, device: torch.device):
     options.check()
     if options.fp8:
         check_fp8(device)
-    if getattr(pipe, "motion_adapter", None) is not None:  # its weights were copied into the UNet: a second copy
-        pipe.register_modules(motion_adapter=None)
     if options.attention_slicing:
         slice_attention(pipe.unet)
     elif options.fuse_qkv:  # sliced attention needs the separate projections
@@ -92,6 +90,8 @@ def apply_speed_options(pipe, options: SpeedOptions, device: torch.device):
             pipe.to(device)
     else:
         pipe.to(device)
+        if getattr(pipe, "motion_adapter", None) is not None:  # a copy of weights the UNet holds; FreeNoise reads its config
+            pipe.motion_adapter.to("cpu")
         if not isinstance(pipe.vae.decode, ChunkedDecode):
             pipe.vae.decode = ChunkedDecode(pipe.vae.decode, options.decode_chunk, pipe.vae_scale_factor)
     if device.type == "cuda" and options.channels_last:
@@ -105,7 +105,10 @@ def apply_speed_options(pipe, options: SpeedOptions, device: torch.device):
 def compile_unet(unet, mode: str, cache: str | None = None) -> None:
     """torch.compile the UNet with its motion modules as one graph, in place (the pipeline keeps its module)."""
     if cache is not None:
-        os.makedirs(cache, exist_ok=True)
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--compile-cache {cache!r}: cannot create the folder ({e.strerror})") from None
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache)  # read by inductor when it first compiles
     import torch._inductor.config as inductor
 
