@@ -300,7 +300,8 @@ def held_gib(device: torch.device) -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} ({n} thread{'s' if n > 1 else ''} of {os.cpu_count()} cores)"
 
 
 def _command(*cmd: str) -> str | None:
@@ -325,6 +326,10 @@ def environment(device: torch.device) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _command("git", "rev-parse", "--short", "HEAD"),
     }
+    if env["commit"] and _command("git", "status", "--porcelain"):
+        env["commit"] += " (with uncommitted changes)"
+    if device.type == "cpu":
+        env["load_average"] = round(os.getloadavg()[0], 1)  # a shared machine stretches every time
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         env["driver"] = _command("nvidia-smi", f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader")

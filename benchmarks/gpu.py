@@ -261,7 +261,8 @@ def write_markdown(path: Path, env: dict, sizes: Sizes, results: list[dict], sta
         "",
         f"`python benchmarks/gpu.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` on **{env['device']}**"
         f" (driver {env['driver'] or 'n/a'}, CUDA {env['cuda'] or 'n/a'}) · torch {env['torch']} · diffusers {env['diffusers']}"
-        f" · {env['date']} · commit {env['commit'] or 'n/a'} · {time.perf_counter() - started:.0f} s of a {args.budget:.0f} s budget.",
+        f" · {env['date']} · commit {env['commit'] or 'n/a'} · {time.perf_counter() - started:.0f} s of a {args.budget:.0f} s budget"
+        + (f" · load average {env['load_average']} when it started." if "load_average" in env else "."),
         "",
         f"Model: {sizes.scale} size, random weights (they time like trained ones). Text-to-video: {sizes.clip.frames} frames "
         f"{sizes.clip.size}², {sizes.clip.steps} DDIM steps, CFG {sizes.clip.guidance}. Seconds are medians of {sizes.repeats} "
@@ -306,6 +307,8 @@ def main() -> None:
         return
 
     started = time.perf_counter()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)  # as the sections run
     env = environment(device)
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = args.out / ("RESULTS.md" if device.type == "cuda" else "RESULTS-cpu.md")

@@ -273,6 +273,16 @@ def test_cli_speed_flags_reach_the_pipeline_and_the_record(tmp_path):
     assert main(["generate", "--prompt", "a dog", "--decode-chunk", "-2", "--out", str(tmp_path / "y.gif")]) == 2
 
 
+def test_unusable_compile_cache_is_one_clear_error(tmp_path):
+    from magicme.speed import compile_unet
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--compile-cache .* cannot create the folder"):
+        compile_unet(torch.nn.Linear(2, 2), "default", cache=str(tmp_path / "file" / "cache"))
+    with pytest.raises(ValueError, match="is a file"):
+        SpeedOptions(compile=True, compile_cache=str(tmp_path / "file")).check()
+
+
 @pytest.mark.slow
 def test_compiled_unet_matches_eager(plain_video, tmp_path, monkeypatch):
     """fullgraph compile of the UNet with its motion modules (minutes on a CPU), its cache in the folder asked for."""
