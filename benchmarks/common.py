@@ -312,6 +312,17 @@ def _command(*cmd: str) -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def _driver_from_proc() -> str | None:
+    """The NVIDIA kernel module's version ("... Kernel Module  550.54.15 ..."), where nvidia-smi is missing."""
+    import re
+
+    try:
+        match = re.search(r"Kernel Module\s+(\S+)", Path("/proc/driver/nvidia/version").read_text())
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
 def environment(device: torch.device) -> dict:
     """Where and with what a benchmark ran: device, driver, CUDA, torch, diffusers, date, commit."""
     import diffusers
@@ -332,7 +343,7 @@ def environment(device: torch.device) -> dict:
         env["load_average"] = round(os.getloadavg()[0], 1)  # a shared machine stretches every time
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        env["driver"] = _command("nvidia-smi", f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader")
+        env["driver"] = _command("nvidia-smi", f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader") or _driver_from_proc()
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     return env
 

@@ -170,6 +170,7 @@ def fp8(ctx: Context) -> None:
 
     dev = ctx.device
     base = variants(dev)["c"]
+    flops = unet_flops_per_call(ctx)
     videos: dict = {}
     for v in (base, Variant("magicme --fp8", options=SpeedOptions(fp8=True)),
               Variant("magicme --fp8 --compile", options=SpeedOptions(fp8=True, compile=True))):
@@ -179,9 +180,11 @@ def fp8(ctx: Context) -> None:
             row["max_abs_diff"] = round(float(np.abs(diff).max()), 4)
             row["psnr_vs_bf16_dB"] = round(float(10 * np.log10(1 / max(np.mean(diff**2), 1e-12))), 2)
         ctx.add(row)
+        add_throughput(ctx.rows, flops, dev)
         add_ratio(ctx.rows, base.label, "x_default")
         ctx.save()
-    ctx.notes.append("Output difference: the same seed's video against the bf16 default, pixels in [0, 1].")
+    ctx.notes.append("Output difference: the same seed's video against the bf16 default, pixels in [0, 1]. "
+                     "pct_of_peak is of the bf16 peak (float8's is twice that).")
     ctx.save()
 
 

@@ -283,6 +283,17 @@ def test_unusable_compile_cache_is_one_clear_error(tmp_path):
         SpeedOptions(compile=True, compile_cache=str(tmp_path / "file")).check()
 
 
+def test_video_to_video_stages_record_the_speed_options(tmp_path):
+    from magicme.face import FaceConfig
+    from magicme.upscale import UpscaleConfig
+    from magicme.v2v import stage_record
+
+    spec = ModelSpec(speed=SpeedOptions(fp8=True, decode_chunk=2))
+    for cfg in (FaceConfig(prompt="a dog", models=spec), UpscaleConfig(prompt="a dog", models=spec)):
+        speed = stage_record("face", cfg, tmp_path / "in.mp4", (4, 64, 64))["models"]["speed"]
+        assert speed["fp8"] is True and speed["decode_chunk"] == 2
+
+
 @pytest.mark.slow
 def test_compiled_unet_matches_eager(plain_video, tmp_path, monkeypatch):
     """fullgraph compile of the UNet with its motion modules (minutes on a CPU), its cache in the folder asked for."""

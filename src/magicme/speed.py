@@ -1,6 +1,6 @@
 """Speed and memory options for a loaded pipeline (no effect on the method, only on how fast it runs).
 
-Defaults are the options that never hurt: bf16 weights on GPUs that have it (else fp16), channels-last
+Defaults are the options that should never hurt (`benchmarks/gpu.py` times each one switched off): bf16 weights on GPUs that have it (else fp16), channels-last
 layout on CUDA, PyTorch SDPA attention in the spatial and the motion layers (diffusers' default
 processor; flash attention where the GPU and head size allow), fused q/k/v projections (one GEMM
 instead of three), classifier-free guidance as one batched UNet call (the pipeline's own behaviour)

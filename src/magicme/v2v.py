@@ -291,7 +291,8 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
 def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> dict:
     """The run record of a V2V stage: its settings, input, models and identities."""
     spec = cfg.models
-    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
+    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset,
+              "speed": asdict(spec.speed)}  # --fp8 changes the result
     if spec.base != TINY:
         models["motion_adapter"] = fingerprint(spec.adapter_name())
         if spec.adapter_weights():
