@@ -337,7 +337,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _command("git", "rev-parse", "--short", "HEAD"),
     }
-    if env["commit"] and _command("git", "status", "--porcelain"):
+    if env["commit"] and _command("git", "status", "--porcelain", "--", ".", ":!benchmarks/results.json", ":!benchmarks/RESULTS*"):
         env["commit"] += " (with uncommitted changes)"
     if device.type == "cpu":
         env["load_average"] = round(os.getloadavg()[0], 1)  # a shared machine stretches every time
