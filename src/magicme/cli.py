@@ -21,7 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp16, bf16 or fp32")
     g.add_argument("--low-vram", action="store_true", help="fit 16×512² in 8 GB: CPU offload, VAE slicing/tiling, chunked motion modules")
-    g.add_argument("--attention-slicing", action="store_true", help="attention in slices (less memory, a little slower)")
+    g.add_argument("--attention-slicing", action="store_true", help="diffusers' sliced attention in every spatial and motion layer (slower; SDPA is already memory-efficient)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call, cached after)")
     g.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode: max-autotune-no-cudagraphs (default), max-autotune (CUDA graphs; fixed sizes), default, reduce-overhead")
     g.add_argument("--compile-cache", default=None, metavar="DIR", help="keep torch.compile's cache here across runs (default: inductor's, in the temp folder)")
