@@ -76,16 +76,28 @@ def test_default_options_match_the_plain_pipeline(plain_video):
     np.testing.assert_allclose(generate_video(ours(SpeedOptions(fuse_qkv=False, decode_chunk=1)), "a dog", **KW), plain_video, atol=1e-5)
 
 
-def test_fusing_replaces_the_projections_and_unfusing_restores_them_exactly():
+def test_fusing_replaces_the_projections_and_unfusing_restores_them_exactly(tmp_path):
+    from safetensors.torch import save_file
+
     unet = plain_pipe().unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     n_params = sum(p.numel() for p in unet.parameters())
     assert fuse_attention_projections(unet) == 22
     assert sum(p.numel() for p in unet.parameters()) == n_params  # no second copy of the weights
     assert fuse_attention_projections(unet) == 0  # idempotent
+    assert any(name.endswith("to_qkv") for name, _ in unet.named_modules())
+
+    def same(state):
+        return state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+
+    assert same(unet.state_dict())  # diffusers' layout: saved weights load in stock diffusers
+    save_file(unet.state_dict(), str(tmp_path / "unet.safetensors"))
+    unet.load_state_dict({k: torch.zeros_like(v) for k, v in before.items()})  # stock keys load into fused layers
+    assert all(not v.any() for v in unet.state_dict().values())
+    unet.load_state_dict(before)
     unfuse_attention(unet)
-    after = unet.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert same(unet.state_dict())
+    assert not any(name.endswith("to_qkv") for name, _ in unet.named_modules())
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
 
 

@@ -166,8 +166,7 @@ def _plain_sdpa(attn) -> bool:
     """An attention we may fuse: diffusers' SDPA processor, plain Linear projections (no LoRA or IP-adapter)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    names = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
-    parts = [getattr(attn, n, None) for n in names]
+    parts = [getattr(attn, n, None) for n in _fused_names(attn)[1]]
     return (
         type(attn.processor) is AttnProcessor2_0
         and all(type(p) is torch.nn.Linear for p in parts)
@@ -182,11 +181,40 @@ def _attentions(module):
     return [m for m in module.modules() if isinstance(m, Attention)]
 
 
+def _fused_names(attn) -> tuple[str, tuple[str, ...]]:
+    return ("to_kv", ("to_k", "to_v")) if attn.is_cross_attention else ("to_qkv", ("to_q", "to_k", "to_v"))
+
+
+def _stock_state_dict(attn, state_dict, prefix, local_metadata) -> None:
+    """A fused attention's state dict in diffusers' layout (to_q/to_k/to_v): saved weights stay stock, and
+    code that copies modules by state dict (FreeNoise) or compares weights sees no difference."""
+    if not getattr(attn, "fused_projections", False):
+        return
+    name, names = _fused_names(attn)
+    for p in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}{name}.{p}", None)
+        if fused is not None:
+            for n, part in zip(names, fused.chunk(len(names))):
+                state_dict[f"{prefix}{n}.{p}"] = part.clone()  # own storage: safetensors refuses shared tensors
+
+
+def _load_into_fused(attn, state_dict, prefix, *args) -> None:
+    """Stock to_q/to_k/to_v weights loaded into a fused attention."""
+    if not getattr(attn, "fused_projections", False):
+        return
+    name, names = _fused_names(attn)
+    for p in ("weight", "bias"):
+        keys = [f"{prefix}{n}.{p}" for n in names]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{name}.{p}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
 def fuse_attention_projections(module) -> int:
     """Fuse q/k/v (self-attention) or k/v (cross-attention) of every plain SDPA attention in `module`.
 
     The separate projections are replaced, not kept beside the fused one (no extra memory); `unfuse_attention`
-    restores them exactly. Covers the spatial layers and the motion modules. Returns how many were fused.
+    restores them exactly, and the state dict keeps diffusers' layout. Covers the spatial layers and the
+    motion modules. Returns how many were fused.
     """
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
@@ -194,7 +222,11 @@ def fuse_attention_projections(module) -> int:
     for attn in _attentions(module):
         if getattr(attn, "fused_projections", False) or not _plain_sdpa(attn):
             continue
-        names = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
+        if not getattr(attn, "_stock_state_dict_hooks", False):
+            attn.register_state_dict_post_hook(_stock_state_dict)
+            attn.register_load_state_dict_pre_hook(_load_into_fused)
+            attn._stock_state_dict_hooks = True
+        names = _fused_names(attn)[1]
         parts = [getattr(attn, n) for n in names]
         w = parts[0].weight
         fused = torch.nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=parts[0].bias is not None,
@@ -206,7 +238,7 @@ def fuse_attention_projections(module) -> int:
         fused.requires_grad_(False)
         for n in names:
             delattr(attn, n)
-        setattr(attn, "to_kv" if attn.is_cross_attention else "to_qkv", fused)
+        setattr(attn, _fused_names(attn)[0], fused)
         attn.fused_projections = True
         attn.set_processor(FusedAttnProcessor2_0())
         count += 1
@@ -218,9 +250,9 @@ def unfuse_attention(module) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     for attn in _attentions(module):
-        if not getattr(attn, "fused_projections", False) or not hasattr(attn, "to_kv" if attn.is_cross_attention else "to_qkv"):
+        if not getattr(attn, "fused_projections", False) or not hasattr(attn, _fused_names(attn)[0]):
             continue
-        name, names = ("to_kv", ("to_k", "to_v")) if attn.is_cross_attention else ("to_qkv", ("to_q", "to_k", "to_v"))
+        name, names = _fused_names(attn)
         fused = getattr(attn, name)
         weights = fused.weight.detach().chunk(len(names))
         biases = fused.bias.detach().chunk(len(names)) if fused.bias is not None else [None] * len(names)
