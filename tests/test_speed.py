@@ -210,6 +210,9 @@ def test_long_clips_keep_fused_and_fp8_layers_around_freenoise():
     n = sum(isinstance(m, Float8Linear) for m in pipe.unet.modules())
     generate_video(pipe, "a dog", **kw)
     assert sum(isinstance(m, Float8Linear) for m in pipe.unet.modules()) == n
+    sliced = ours(SpeedOptions(attention_slicing=True))
+    generate_video(sliced, "a dog", **kw)
+    assert set(processors(sliced).values()) == {"SlicedAttnProcessor"}
 
 
 # ---- dtype, flags, record

@@ -351,11 +351,15 @@ def _motion_modules(unet) -> list:
 def plain_motion_modules(unet):
     """Motion modules with diffusers' own layers inside the block (FreeNoise's strict state-dict copy needs them).
 
-    Fused projections and FP8 layers are undone in the motion modules on entry and redone on exit, on
-    whatever blocks are there then (FreeNoise replaces them twice). Spatial layers keep them throughout.
+    Fused projections and FP8 layers are undone in the motion modules on entry and redone on exit, with
+    sliced attention, on whatever blocks are there then (FreeNoise replaces them twice, with diffusers'
+    default processor). Spatial layers keep them throughout.
     """
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
     modules = _motion_modules(unet)
     fused = any(getattr(a, "fused_projections", False) for m in modules for a in _attentions(m))
+    sliced = any(isinstance(a.processor, SlicedAttnProcessor) for m in modules for a in _attentions(m))
     fp8 = any(isinstance(x, Float8Linear) for m in modules for x in m.modules())
     for m in modules:
         from_float8(m)  # first: a fused projection may itself be FP8
@@ -366,5 +370,7 @@ def plain_motion_modules(unet):
         for m in _motion_modules(unet):
             if fused:
                 fuse_attention_projections(m)
+            if sliced:
+                slice_attention(m)
             if fp8:
                 to_float8(m)
