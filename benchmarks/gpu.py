@@ -15,19 +15,21 @@ On a CPU the same sections run the mid-size model on small clips in CI-sized tim
 Each section runs in its own process, within what is left of the budget (a fresh allocator for its
 peak memory; a crash or a hang costs that section only). Its rows are saved as they are taken,
 RESULTS.md (RESULTS-cpu.md on a CPU) is rewritten after each section and one record per section is
-appended to results.json. A new section (another backbone, another branch) is one function and one
-line in SECTIONS.
+appended to results.json. A new section (another backbone, another benchmark) is one function, here or
+in its own file of benchmarks/, and one line in SECTIONS.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -218,16 +220,35 @@ def anywhere(device: torch.device) -> None:
     return None
 
 
-# name → (title, function, why it cannot run on a device (None: it can), run by default on a CPU); in order of importance
-SECTIONS = {
-    "t2v": ("T2V: stock diffusers against magicme's defaults", t2v, anywhere, True),
-    "low_vram": ("T2V with --low-vram", low_vram, anywhere, True),
-    "train": ("ID training", train, anywhere, True),
-    "chain": ("Face VCD, Tiled VCD and the finished video", chain, anywhere, True),
-    "compile": ("T2V with --compile", compile_, anywhere, False),  # its compile time is the unknown: after the sure ones
-    "options": ("Each default speed option switched off", options, anywhere, True),
-    "fp8": ("FP8 (--fp8) and its output difference", fp8, needs_fp8, True),
-    "cudagraphs": ("T2V with --compile --compile-mode max-autotune (CUDA graphs)", cudagraphs, cuda_only, True),
+@dataclass(frozen=True)
+class Section:
+    """One benchmark section. `run` takes a Context and adds its rows (`ctx.add`) and notes as it takes them; it is a
+    function here or "module:function" of another file in benchmarks/, imported only in the section's own process."""
+
+    title: str
+    run: Callable[[Context], None] | str
+    why_not: Callable[[torch.device], str | None] = anywhere  # None where it can run on this device, else why not
+    on_cpu: bool = True  # run by default on a CPU (else only when named in --sections)
+
+    def function(self) -> Callable[[Context], None]:
+        if callable(self.run):
+            return self.run
+        module, name = self.run.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# In order of importance: the budget may stop the run before the last ones. Another backbone or another
+# benchmark is one entry here, e.g. `"wan": Section("Wan 2.x T2V", "wan:wan_t2v")` for a function
+# `wan_t2v(ctx)` in benchmarks/wan.py (ctx.sizes.scale says full on a GPU, mid or tiny on a CPU).
+SECTIONS: dict[str, Section] = {
+    "t2v": Section("T2V: stock diffusers against magicme's defaults", t2v),
+    "low_vram": Section("T2V with --low-vram", low_vram),
+    "train": Section("ID training", train),
+    "chain": Section("Face VCD, Tiled VCD and the finished video", chain),
+    "compile": Section("T2V with --compile", compile_, on_cpu=False),  # its compile time is the unknown: after the sure ones
+    "options": Section("Each default speed option switched off", options),
+    "fp8": Section("FP8 (--fp8) and its output difference", fp8, needs_fp8),
+    "cudagraphs": Section("T2V with --compile --compile-mode max-autotune (CUDA graphs)", cudagraphs, cuda_only),
 }
 
 
@@ -251,11 +272,11 @@ def run_section(name: str, args, left: float) -> dict:
         if status.startswith("failed"):
             lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
             status += f": {lines[-1][:300] if lines else 'no message'}"
-    return {"name": name, "title": SECTIONS[name][0], "status": status, "seconds": round(time.perf_counter() - t0, 1), **taken}
+    return {"name": name, "title": SECTIONS[name].title, "status": status, "seconds": round(time.perf_counter() - t0, 1), **taken}
 
 
 def skipped(name: str, status: str) -> dict:
-    return {"name": name, "title": SECTIONS[name][0], "status": status, "seconds": 0.0, "rows": [], "notes": []}
+    return {"name": name, "title": SECTIONS[name].title, "status": status, "seconds": 0.0, "rows": [], "notes": []}
 
 
 def write_markdown(path: Path, env: dict, sizes: Sizes, results: list[dict], started: float, args) -> None:
@@ -306,7 +327,7 @@ def main() -> None:
     if args.child:  # one section, in this process
         if device.type == "cpu":
             torch.set_num_threads(args.threads)
-        SECTIONS[args.child][1](Context(sizes, device, args.child_file))
+        SECTIONS[args.child].function()(Context(sizes, device, args.child_file))
         return
 
     started = time.perf_counter()
@@ -318,10 +339,10 @@ def main() -> None:
     results = []
     for name in args.sections or list(SECTIONS):
         left = args.budget - (time.perf_counter() - started)
-        why = SECTIONS[name][2](device)
+        why = SECTIONS[name].why_not(device)
         if why:
             result = skipped(name, f"skipped: {why}")
-        elif not (args.sections or device.type == "cuda" or SECTIONS[name][3]):
+        elif not (args.sections or device.type == "cuda" or SECTIONS[name].on_cpu):
             result = skipped(name, "skipped: not run by default on a CPU (minutes of compilation); name it in --sections")
         elif left < 10:
             result = skipped(name, "skipped: the time budget is spent")

@@ -96,7 +96,17 @@ def test_markdown_table_takes_the_union_of_columns():
     assert md.splitlines() == ["| a | b | c |", "| --- | --- | --- |", "| 1 |  |  |", "| 2 |  | x\\|y |"]
 
 
-@pytest.mark.parametrize("script", ["t2v_speed", "chain", "train_step", "v2v", "long_video", "eval_throughput", "gpu"])
+def test_a_section_in_another_file_is_imported_by_name():
+    import common
+    import gpu
+
+    assert gpu.Section("elsewhere", "common:markdown_table").function() is common.markdown_table
+    assert gpu.SECTIONS["t2v"].function() is gpu.t2v
+    assert list(gpu.SECTIONS)[:4] == ["t2v", "low_vram", "train", "chain"]  # the figures that matter most come first
+
+
+@pytest.mark.parametrize("script", ["t2v_speed", "chain", "train_step", "v2v", "long_video", "eval_throughput", "gpu",
+                                    "real_size", "t2v_overhead", "ui_requests"])
 def test_benchmark_scripts_import_and_parse(script, monkeypatch, capsys):
     import importlib
 
