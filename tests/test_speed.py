@@ -298,6 +298,22 @@ def test_unusable_compile_cache_is_one_clear_error(tmp_path):
         SpeedOptions(compile=True, compile_cache=str(tmp_path / "file")).check()
 
 
+def test_wan_refuses_the_unet_only_options(tmp_path):
+    """Options that only AnimateDiff's UNet path implements are a one-line exit 2 with Wan, not silently ignored."""
+    import subprocess
+    import sys
+
+    for flag, options in (("--compile", SpeedOptions(compile=True)), ("--fp8", SpeedOptions(fp8=True)),
+                          ("--attention-slicing", SpeedOptions(attention_slicing=True)), ("--decode-chunk", SpeedOptions(decode_chunk=2))):
+        with pytest.raises(ValueError, match=flag):
+            ModelSpec(backbone="wan", speed=options).check()
+    ModelSpec(backbone="wan", speed=SpeedOptions(dtype="bf16", low_vram=True)).check()
+    done = subprocess.run([sys.executable, "-m", "magicme.cli", "generate", "--prompt", "a dog", "--backbone", "wan", "--compile",
+                           "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--compile is for AnimateDiff's UNet" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.mp4").exists()
+
+
 def test_video_to_video_stages_record_the_speed_options(tmp_path):
     from magicme.face import FaceConfig
     from magicme.upscale import UpscaleConfig

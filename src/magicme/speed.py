@@ -49,6 +49,14 @@ class SpeedOptions:
         if self.compile_cache is not None and os.path.exists(self.compile_cache) and not os.path.isdir(self.compile_cache):
             raise ValueError(f"--compile-cache {self.compile_cache!r} is a file, not a folder")
 
+    def check_wan(self) -> None:
+        """The options built for AnimateDiff's UNet, refused (not ignored) with the Wan backbone, which takes
+        --dtype and --low-vram only."""
+        for flag, on in (("--compile", self.compile), ("--fp8", self.fp8), ("--attention-slicing", self.attention_slicing),
+                         ("--decode-chunk", self.decode_chunk != 0)):
+            if on:
+                raise ValueError(f"{flag} is for AnimateDiff's UNet; the Wan backbone takes --dtype and --low-vram only")
+
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.fp8 else auto_dtype(device)
