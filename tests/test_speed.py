@@ -20,6 +20,7 @@ from magicme.speed import (
     apply_speed_options,
     from_float8,
     fuse_attention_projections,
+    rowwise_float8,
     to_float8,
     unfuse_attention,
 )
@@ -174,6 +175,29 @@ def test_float8_linear_is_within_e4m3_rounding_of_the_linear():
     np.testing.assert_allclose(F.linear(x, back.weight, back.bias).detach(), exact.detach(), rtol=0.2, atol=0.2)
     fp8.to(torch.float16)  # a later pipe.to(dtype) must not cast the stored float8 weight
     assert fp8.weight_fp8.dtype == torch.uint8
+
+
+def test_float8_matches_torchao_per_row_recipe():
+    """Per-row float8 of activations and weights against torchao's own quantisation primitives (the torch path of
+    its `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`, whose GEMM needs a GPU but whose
+    quantisation does not), and the layer against the GEMM of torchao's dequantised tensors."""
+    ao = pytest.importorskip("torchao.quantization.quant_primitives")
+
+    def reference(t):
+        scale = ao._choose_scale_float8(t, block_size=[1, t.shape[1]], float8_dtype=torch.float8_e4m3fn)
+        return ao._quantize_affine_float8(t, scale, torch.float8_e4m3fn), scale
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(33, 64) * torch.logspace(-3, 2, 33)[:, None]).to(dtype)  # rows of very different size
+        (q, scale), (ref_q, ref_scale) = rowwise_float8(x), reference(x)
+        assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), dtype
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16) * 3
+    deq_x = ao._dequantize_affine_float8(*reference(x.reshape(-1, 64)))
+    deq_w = ao._dequantize_affine_float8(*reference(lin.weight.detach()))
+    expected = ((deq_x @ deq_w.T).to(torch.bfloat16) + lin.bias.detach()).reshape(2, 5, 48)
+    np.testing.assert_allclose(Float8Linear(lin)(x).detach().float(), expected.float(), rtol=2**-7, atol=1e-6)
 
 
 def test_fp8_video_within_tolerance_and_round_trip(plain_video):

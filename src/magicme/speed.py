@@ -280,8 +280,11 @@ def unfuse_attention(module) -> None:
 
 
 def rowwise_float8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) as float8 e4m3 with one float32 scale per row: x ≈ q * scale, the row's max at E4M3_MAX."""
-    scale = x.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    """x (M, K) as float8 e4m3 with one float32 scale per row: x ≈ q * scale, the row's max at E4M3_MAX.
+
+    Bit for bit torchao's per-row float8 quantisation (its scale is divided in x's dtype), except that an
+    all-zero row gets a tiny scale instead of 0/0."""
+    scale = (x.detach().abs().amax(dim=1, keepdim=True) / E4M3_MAX).float().clamp(min=1e-12)
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
