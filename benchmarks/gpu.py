@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -174,8 +175,14 @@ def fp8(ctx: Context) -> None:
     base = variants(dev)["c"]
     flops = unet_flops_per_call(ctx)
     videos: dict = {}
-    for v in (base, Variant("magicme --fp8", options=SpeedOptions(fp8=True)),
-              Variant("magicme --fp8 --compile", options=SpeedOptions(fp8=True, compile=True))):
+    runs = [base, Variant("magicme --fp8", options=SpeedOptions(fp8=True)),
+            Variant("magicme --fp8 --compile", options=SpeedOptions(fp8=True, compile=True))]
+    if importlib.util.find_spec("torchao") is not None:  # the same per-row recipe on torchao's kernels
+        runs += [Variant("torchao float8 per-row", post=torchao_float8),
+                 Variant("torchao float8 per-row --compile", options=SpeedOptions(compile=True), post=torchao_float8)]
+    else:
+        ctx.notes.append("torchao is not installed: no rows of its float8 kernels beside ours.")
+    for v in runs:
         row = measure(v, ctx.sizes.scale, ctx.sizes.clip, dev, ctx.sizes.repeats, frames_out=videos)
         if v is not base:
             diff = np.asarray(videos[v.label], dtype=np.float64) - videos[base.label]
@@ -188,6 +195,18 @@ def fp8(ctx: Context) -> None:
     ctx.notes.append("Output difference: the same seed's video against the bf16 default, pixels in [0, 1]. "
                      "pct_of_peak is of the bf16 peak (float8's is twice that).")
     ctx.save()
+
+
+def torchao_float8(pipe) -> None:
+    """torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` on the UNet's linear layers that
+    `--fp8` converts (both sides multiples of 16), after magicme's other options (`unet.compile` traces on the
+    first call, so a compiled variant compiles the quantised layers)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def eligible(module, name) -> bool:
+        return type(module) is torch.nn.Linear and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    quantize_(pipe.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=eligible)
 
 
 def unet_flops_per_call(ctx: Context) -> int:

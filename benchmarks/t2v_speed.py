@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Variant:
     label: str
     stock_dtype: torch.dtype | None = None  # a stock pipeline in this dtype; None: magicme with `options`
     options: SpeedOptions = SpeedOptions()
+    post: Callable[[object], None] | None = None  # applied to magicme's pipeline after its options (another library's layers)
 
 
 def variants(device: torch.device) -> dict[str, Variant]:
@@ -61,7 +63,10 @@ def build(v: Variant, scale: str, device: torch.device):
     if v.stock_dtype is not None:
         return t2v_pipeline(scale, device, v.stock_dtype)
     pipe = t2v_pipeline(scale, device, v.options.torch_dtype(device))  # built where it runs: fast; --low-vram offloads it
-    return apply_speed_options(pipe, v.options, device)
+    pipe = apply_speed_options(pipe, v.options, device)
+    if v.post is not None:
+        v.post(pipe)
+    return pipe
 
 
 def run(pipe, v: Variant, clip: Clip, steps: int | None = None):

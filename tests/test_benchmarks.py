@@ -105,6 +105,15 @@ def test_a_section_in_another_file_is_imported_by_name():
     assert list(gpu.SECTIONS)[:4] == ["t2v", "low_vram", "train", "chain"]  # the figures that matter most come first
 
 
+def test_a_variant_post_step_runs_on_the_built_pipeline():
+    """How the fp8 section puts torchao's float8 layers into magicme's pipeline (after its own options)."""
+    import t2v_speed
+
+    seen = []
+    pipe = t2v_speed.build(t2v_speed.Variant("post", post=seen.append), "tiny", torch.device("cpu"))
+    assert seen == [pipe] and pipe.unet.dtype == torch.float32
+
+
 @pytest.mark.parametrize("script", ["t2v_speed", "chain", "train_step", "v2v", "long_video", "eval_throughput", "gpu",
                                     "real_size", "t2v_overhead", "ui_requests"])
 def test_benchmark_scripts_import_and_parse(script, monkeypatch, capsys):
