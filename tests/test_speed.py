@@ -180,7 +180,8 @@ def test_float8_linear_is_within_e4m3_rounding_of_the_linear():
 def test_float8_matches_torchao_per_row_recipe():
     """Per-row float8 of activations and weights against torchao's own quantisation primitives (the torch path of
     its `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`, whose GEMM needs a GPU but whose
-    quantisation does not), and the layer against the GEMM of torchao's dequantised tensors."""
+    quantisation does not), and the layer against the GEMM of torchao's dequantised tensors. Runs where torchao
+    is installed (not in our environments: transformers imports it at start-up whenever it is present)."""
     ao = pytest.importorskip("torchao.quantization.quant_primitives")
 
     def reference(t):
