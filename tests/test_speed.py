@@ -245,6 +245,9 @@ def test_long_clips_keep_fused_and_fp8_layers_around_freenoise():
 
 def test_dtype_choice_and_bad_options(monkeypatch):
     assert SpeedOptions().torch_dtype(CPU) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # nothing to ask: the choice that runs everywhere
+    assert SpeedOptions().torch_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert SpeedOptions().torch_dtype(torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))

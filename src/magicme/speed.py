@@ -67,6 +67,8 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA GPUs with bf16 tensor cores (Ampere onwards), fp16 on older ones, fp32 on CPU."""
     if device.type != "cuda":
         return torch.float32
+    if not torch.cuda.is_available():  # a configuration named for a GPU where none can be asked (suite config ids)
+        return torch.float16
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
