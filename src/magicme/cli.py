@@ -132,10 +132,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--low-vram", action="store_true", help="fit 16×512² in 8 GB: CPU offload, VAE slicing/tiling, chunked motion modules")
     g.add_argument("--attention-slicing", action="store_true", help="diffusers' sliced attention in every spatial and motion layer (slower; SDPA is already memory-efficient)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call, cached after)")
-    g.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode: max-autotune-no-cudagraphs (default), max-autotune (CUDA graphs; fixed sizes), default, reduce-overhead")
+    g.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode (default: max-autotune-no-cudagraphs); max-autotune adds CUDA graphs (fixed sizes); also default, reduce-overhead")
     g.add_argument("--compile-cache", default=None, metavar="DIR", help="keep torch.compile's cache here across runs (default: inductor's, in the temp folder)")
     g.add_argument("--no-fuse-qkv", action="store_true", help="keep q/k/v projections separate (fused by default: one GEMM instead of three)")
-    g.add_argument("--decode-chunk", type=int, default=0, metavar="N", help="frames per VAE decode call (default 0: as many as fit 4×512² pixels)")
+    g.add_argument("--decode-chunk", type=int, default=0, metavar="N", help="frames per VAE decode call (default: 0, as many as fit 4×512² pixels)")
     g.add_argument("--fp8", action="store_true", help="float8 linear layers on GPUs of compute capability >= 8.9 (Ada, Hopper); best with --compile")
 
 
