@@ -26,7 +26,7 @@ def committed_results() -> dict:
 
 def test_gpu_command_runs_on_the_cpu_into_a_folder(tmp_path):
     before = committed_results()
-    done = run_gpu_py("--sizes", "tiny", "--sections", "t2v", "train", "chain", "fp8", "cudagraphs", "--out", str(tmp_path))
+    done = run_gpu_py("--sizes", "tiny", "--sections", "t2v", "train", "chain", "fp8", "cudagraphs", "wan", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert committed_results() == before  # the committed figures are never touched by a test
 
@@ -51,6 +51,8 @@ def test_gpu_command_runs_on_the_cpu_into_a_folder(tmp_path):
     assert stages[1].startswith("T2V VCD") and stages[2].startswith("Face VCD") and stages[3].startswith("Tiled VCD")
     assert stages[-1].startswith("finished 128² video")
     assert runs["gpu/fp8"]["status"].startswith("skipped") and runs["gpu/cudagraphs"]["status"] == "skipped: CUDA only"
+    wan = runs["gpu/wan"]["rows"]  # benchmarks/wan.py's section: stock WanPipeline, then ours
+    assert [r["run"].split()[0] for r in wan] == ["stock", "magicme"] and all(r["s_per_video"] > 0 for r in wan)
 
 
 def test_time_budget_stops_a_section_and_skips_the_rest(tmp_path):
