@@ -128,16 +128,24 @@ def test_masks_paint_train_with_previews_and_cancel(ws, tmp_path):
     assert page["prepare_status"].startswith("Masks of 3 photo(s) by grabcut") and len(page["masks"]) == 3
     mask = np.asarray(Image.open(page["masks"][0][0])) > 127
     assert 0.05 < mask.mean() < 0.9  # a subject, not the whole frame or nothing
-    # paint: the editor opens the photo with its mask as a red layer; its alpha is the new mask
+    # paint: the editor opens the photo with the subject tinted red; red strokes add to the mask, blue ones remove
     opened = h.on_pick_mask(ws, name, 1)
-    layer = opened["mask_editor"]["layers"][0]
-    assert opened["mask_index"] == 1 and layer.shape[2] == 4
-    assert np.array_equal(layer[..., 3] > 0, np.asarray(Image.open(page["masks"][1][0])) > 127)
-    layer = np.zeros_like(layer)
-    layer[:100, :200] = h.MASK_RGBA
-    saved = h.on_save_mask(ws, name, 1, {"background": None, "layers": [layer], "composite": None})
-    assert saved["mask_status"] == "Saved mask 2; training uses it." and "1 by you" in saved["prepare_status"]
+    image, mask = ws.mask(name, 1)
+    assert opened["mask_index"] == 1 and opened["paint"] and opened["mask_editor"]["layers"] == []
+    assert np.array_equal(opened["mask_editor"]["background"], h.mask_overlay(image, mask))
+    stroke = np.zeros((*mask.shape, 4), np.uint8)
+    stroke[:100, :200] = (*h.SUBJECT_RGB, 255)
+    erase = np.zeros_like(stroke)
+    erase[mask.shape[0] // 2:] = (*h.NOT_SUBJECT_RGB, 200)
+    (failed,) = run(h.on_save_mask, "mask_status", ws, name, 1, {"background": None, "layers": [], "composite": None})
+    assert failed["mask_status"].startswith("Error: Masks: nothing painted yet")
+    saved = h.on_save_mask(ws, name, 1, {"background": None, "layers": [stroke, erase], "composite": None})
+    assert saved["mask_status"] == "Saved mask 2; training uses it." and "1 painted by you" in saved["prepare_status"]
     assert saved["masks"][1][1].startswith("2: user")
+    expected = mask.copy()
+    expected[:100, :200] = True
+    expected[mask.shape[0] // 2:] = False
+    assert np.array_equal(ws.mask(name, 1)[1], expected)
     # train: loss curve live, one checkpoint preview, the identity at the end
     outs = run(h.on_train, "train_status", ws, TINY_MODEL, name, "<tr>", 2, 1e-3, 2, True, 0, 2)
     page = last(outs)

@@ -17,6 +17,8 @@ import gradio as gr  # this module is the web UI; the CLI imports it only for `m
 from .ui_handlers import (
     GENERATE_FIELDS,
     MODEL_FIELDS,
+    NOT_SUBJECT_RGB,
+    SUBJECT_RGB,
     Problem,
     config_defaults,
     guarded,
@@ -55,6 +57,10 @@ EXPANSION = {
                   "refine_identities"),
     "tab": ("tabs",),
 }
+
+
+def rgb(color: tuple[int, int, int]) -> str:
+    return f"rgb({color[0]}, {color[1]}, {color[2]})"
 
 
 def status_html(text: str | None) -> str:
@@ -124,6 +130,8 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                 res.update(videos_out(ws, value))
             elif key == "tab":
                 res["tabs"] = gr.Tabs(selected=value)
+            elif key == "paint":
+                res["paint"] = gr.Accordion(open=value)
             else:
                 res[key] = value
         return {c[k]: v for k, v in res.items()}
@@ -206,15 +214,17 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                             c["prepare"] = gr.Button("Make masks", elem_id="prepare")
                             c["cancel_prepare"] = gr.Button("Cancel", variant="stop", elem_id="cancel_prepare")
                         c["prepare_status"] = gr.Markdown(elem_id="prepare_status")
-                        c["masks"] = gr.Gallery(label="Masks (click one to paint it)", columns=4, height=200,
+                        c["masks"] = gr.Gallery(label="Masks (click one to paint it)", columns=4, height=200, allow_preview=False,
                                                 buttons=["download"], elem_id="masks")
-                    c["contact"] = gr.Image(label="Photos and masks", type="filepath", interactive=False, elem_id="contact_sheet")
-                with gr.Accordion("Paint a mask", open=True):
+                    c["contact"] = gr.Image(label="Photos and masks", type="filepath", interactive=False, height=420,
+                                            elem_id="contact_sheet")
+                with gr.Accordion("Paint a mask (click a mask above to open it here)", open=False) as c["paint"]:
                     with gr.Row():
                         c["mask_editor"] = gr.ImageEditor(
-                            label="Mask: red is the subject", type="numpy", image_mode="RGBA", sources=(), transforms=(),
-                            layers=False, brush=gr.Brush(colors=["rgba(230, 30, 30, 0.55)"], color_mode="fixed"),
-                            eraser=gr.Eraser(), height=420, elem_id="mask_editor")
+                            label="Red: the subject · blue: not the subject", type="numpy", image_mode="RGBA", sources=(),
+                            transforms=(), layers=False, brush=gr.Brush(colors=[rgb(SUBJECT_RGB), rgb(NOT_SUBJECT_RGB)],
+                                                                        color_mode="fixed"),
+                            eraser=gr.Eraser(), height=420, canvas_size=(512, 512), fixed_canvas=True, elem_id="mask_editor")
                         with gr.Column(scale=0, min_width=220):
                             c["save_mask"] = gr.Button("Save mask", elem_id="save_mask")
                             c["mask_status"] = gr.Markdown(elem_id="mask_status")
@@ -367,9 +377,9 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         def pick_mask(wid, name, evt: gr.SelectData):
             yield from run_once(wid, lambda ws: on_pick_mask(ws, name, evt.index), "mask_status")
 
-        c["masks"].select(pick_mask, [c["sid"], c["ref_set"]], [c[k] for k in ("mask_editor", "mask_index", "mask_status")])
+        c["masks"].select(pick_mask, [c["sid"], c["ref_set"]], [c[k] for k in ("mask_editor", "mask_index", "mask_status", "paint")])
         on(c["save_mask"].click, on_save_mask, ["ref_set", "mask_index", "mask_editor"],
-           ["prepare_status", "contact", "masks", "mask_status"], "mask_status")
+           ["prepare_status", "contact", "masks", "mask_status", "mask_editor", "mask_index", "paint"], "mask_status")
 
         # ---- identities
         on(c["train"].click, lambda ws, *v: on_train(ws, v[:5], *v[5:]),

@@ -271,7 +271,11 @@ def masks_view(ws: Workspace, name: str | None, manifest: dict | None = None) ->
     masks = [(str(folder / item["mask"]), f"{i + 1}: {item['mask_method']} · {item['mask_area']:.0%} of the image")
              for i, item in enumerate(manifest["items"])]
     edited = sum(item["mask_method"] == "user" for item in manifest["items"])
-    how = f"{manifest['segmentation']}" + (f", {edited} by you" if edited and "user masks" not in manifest["segmentation"] else "")
+    how = re.sub(r" \([^()]{40,}\)", "", ui_terms(manifest["segmentation"]))  # the library's long reason stays in the manifest
+    if "user masks" in how:
+        how = "your masks"
+    elif edited:
+        how += f", {edited} painted by you"
     status = f"Masks of {len(masks)} photo(s) by {how}. Check them (click one to paint it), then train."
     return {"prepare_status": status, "contact": str(folder / "contact_sheet.png"), "masks": masks}
 
@@ -296,47 +300,59 @@ def on_prepare(ws: Workspace, name: str | None, segmenter: str = "auto", mask_fi
         yield {"prepare_status": "Cancelled; the masks are as they were."}
 
 
-MASK_RGBA = (230, 30, 30, 140)  # the painted layer: red, see-through
+SUBJECT_RGB, NOT_SUBJECT_RGB = (255, 32, 32), (32, 96, 255)  # the two brushes of the mask editor
+
+
+def mask_overlay(photo, mask):
+    """The photo with the subject tinted red, as the mask editor shows it: (H, W, 3) uint8."""
+    import numpy as np
+
+    rgb = np.asarray(photo.convert("RGB")).astype(np.float32)
+    out = rgb * 0.8
+    out[mask] = rgb[mask] * 0.45 + np.array(SUBJECT_RGB) * 0.55
+    return out.round().astype(np.uint8)
 
 
 def on_pick_mask(ws: Workspace, name: str | None, index: int | None) -> dict:
-    """Open mask `index` of a prepared set in the editor: the photo with the mask painted over it in red."""
+    """Open mask `index` of a prepared set in the editor: the photo with the subject tinted red, ready to paint on."""
+    if not name or ws.prepared(name) is None or index is None:
+        raise ValueError("Masks: make the masks first, then click one to paint it")
+    image, mask = ws.mask(name, int(index))
+    return {"mask_editor": {"background": mask_overlay(image, mask), "layers": [], "composite": None},
+            "mask_index": int(index), "paint": True,
+            "mask_status": f"Mask {int(index) + 1}: paint with red what belongs to the subject, with blue what does not, then save."}
+
+
+def painted_mask(value, mask):
+    """`mask` (H, W) bool changed by the strokes in the editor's layers: red strokes add to the subject, blue ones remove."""
     import numpy as np
     from PIL import Image
 
-    from .prepare import read_manifest
-
-    folder = ws.prepared(name) if name else None
-    if folder is None or index is None:
-        raise ValueError("Masks: make the masks first, then click one to paint it")
-    item = read_manifest(folder)["items"][index]
-    mask = np.asarray(Image.open(folder / item["mask"]).convert("L")) > 127
-    layer = np.zeros((*mask.shape, 4), np.uint8)
-    layer[mask] = MASK_RGBA
-    return {"mask_editor": {"background": str(folder / item["image"]), "layers": [layer], "composite": None},
-            "mask_index": index,
-            "mask_status": f"Mask {index + 1}: paint the subject red with the brush, erase what is not it, then save."}
-
-
-def editor_mask(value):
-    """The subject mask the user painted, (H, W) bool: where the editor's first layer is not transparent."""
-    import numpy as np
-
-    layers = (value or {}).get("layers") or []
-    if not layers or layers[0] is None:
-        raise ValueError("Masks: nothing painted; click a mask to open it in the editor")
-    layer = np.asarray(layers[0])
-    if layer.ndim != 3 or layer.shape[2] != 4:
-        raise ValueError("Masks: the editor sent no transparent layer")
-    return layer[..., 3] > 0
+    add = np.zeros(mask.shape, bool)
+    remove = np.zeros(mask.shape, bool)
+    for layer in (value or {}).get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.ndim != 3 or layer.shape[2] != 4:
+            continue
+        if layer.shape[:2] != mask.shape:  # an editor canvas of another size
+            layer = np.asarray(Image.fromarray(layer).resize(mask.shape[::-1], Image.NEAREST))
+        painted = layer[..., 3] > 0
+        red = layer[..., 0].astype(int) > layer[..., 2].astype(int)
+        add |= painted & red
+        remove |= painted & ~red
+    if not (add.any() or remove.any()):
+        raise ValueError("Masks: nothing painted yet; paint on the photo with the red or blue brush")
+    return (mask | add) & ~remove
 
 
 def on_save_mask(ws: Workspace, name: str | None, index: int | None, value) -> dict:
     """Keep the painted mask as the prepared mask of its photo."""
     if not name or index is None:
         raise ValueError("Masks: click a mask to open it in the editor first")
-    manifest = ws.set_mask(name, int(index), editor_mask(value))
-    return {**masks_view(ws, name, manifest), "mask_status": f"Saved mask {int(index) + 1}; training uses it."}
+    _, mask = ws.mask(name, int(index))
+    manifest = ws.set_mask(name, int(index), painted_mask(value, mask))
+    return {**masks_view(ws, name, manifest), **on_pick_mask(ws, name, int(index)),  # the editor shows the saved mask
+            "mask_status": f"Saved mask {int(index) + 1}; training uses it."}
 
 
 # ---- identities

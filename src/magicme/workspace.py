@@ -357,6 +357,22 @@ class Workspace:
         folder = self._resolve(REFERENCES, name) / "prepared"
         return folder if (folder / "manifest.json").is_file() else None
 
+    def mask(self, name: str, index: int):
+        """(prepared photo as PIL, its mask as (H, W) bool) of photo `index` of a prepared set."""
+        import numpy as np
+        from PIL import Image
+
+        from .prepare import read_manifest
+
+        folder = self.prepared(name)
+        if folder is None:
+            raise ValueError(f"reference set {name!r} has no masks yet: make them first")
+        items = read_manifest(folder)["items"]
+        if not isinstance(index, int) or not 0 <= index < len(items):
+            raise ValueError(f"mask: pick one of the {len(items)} masks first")
+        image = Image.open(folder / items[index]["image"]).convert("RGB")
+        return image, np.asarray(Image.open(folder / items[index]["mask"]).convert("L")) > 127
+
     def set_mask(self, name: str, index: int, mask) -> dict:
         """Replace the prepared mask of photo `index` (a bool array, True on the subject) with the user's; return the manifest."""
         import numpy as np
@@ -364,24 +380,19 @@ class Workspace:
 
         from .prepare import MANIFEST, contact_sheet, read_manifest
 
-        folder = self.prepared(name)
-        if folder is None:
-            raise ValueError(f"reference set {name!r} has no masks yet: make them first")
-        manifest = read_manifest(folder)
-        if not isinstance(index, int) or not 0 <= index < len(manifest["items"]):
-            raise ValueError(f"mask: pick one of the {len(manifest['items'])} masks first")
-        item = manifest["items"][index]
-        size = Image.open(folder / item["image"]).size
+        image, _ = self.mask(name, index)
         mask = np.asarray(mask, dtype=bool)
-        if mask.shape != size[::-1]:
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+        if mask.shape != image.size[::-1]:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)) > 127
         if not mask.any():
-            raise ValueError("mask: it is empty; paint the subject with the brush")
+            raise ValueError("mask: it is empty; paint the subject")
+        folder = self.prepared(name)
+        manifest = read_manifest(folder)
+        item = manifest["items"][index]
         _atomic_write(folder / item["mask"], lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
         item.update(mask_method="user", mask_area=float(mask.mean()), note="painted in the web UI")
-        images = [Image.open(folder / it["image"]).convert("RGB") for it in manifest["items"]]
-        masks = [np.asarray(Image.open(folder / it["mask"]).convert("L")) > 127 for it in manifest["items"]]
-        _atomic_write(folder / "contact_sheet.png", lambda tmp: contact_sheet(images, masks).save(tmp, format="PNG"))
+        images, masks = zip(*(self.mask(name, i) for i in range(len(manifest["items"]))))
+        _atomic_write(folder / "contact_sheet.png", lambda tmp: contact_sheet(list(images), list(masks)).save(tmp, format="PNG"))
         _atomic_json(folder / MANIFEST, manifest)
         return manifest
 
