@@ -200,7 +200,7 @@ def test_width_and_height_and_reuse_these_settings_remake_the_clip(ws, tiny_mode
     assert {k: form[k] for k in ("base", "scheduler", "prompt", "negative_prompt", "gamma", "width", "height", "seeds",
                                  "prompt_travel", "motion_adapter")} == {
         "base": str(tiny_model_dir.resolve()), "scheduler": "euler", "prompt": "a dog", "negative_prompt": "ugly",
-        "gamma": 0.2, "width": 48, "height": 32, "seeds": "11", "prompt_travel": "1: a cat", "motion_adapter": ""}
+        "gamma": 0.2, "width": "48", "height": "32", "seeds": "11", "prompt_travel": "1: a cat", "motion_adapter": ""}
     again = last(h.on_generate(ws, tuple(form[k] for k in h.MODEL_FIELDS),
                                **{k: form[k] for k in h.GENERATE_FIELDS if k in form}))
     assert again["new_video"] != name

@@ -240,7 +240,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                             c["masked"] = gr.Checkbox(train_defaults["masked"], label="Masked loss")
                             c["train_seed"] = gr.Number(train_defaults["seed"], label="Seed", precision=0)
                             c["train_preview_every"] = gr.Number(train_defaults["checkpoint_every"], label="Preview every N steps (0: none)",
-                                                                 precision=0, minimum=0, elem_id="train_preview_every")
+                                                                 precision=0, elem_id="train_preview_every")
                         with gr.Row():
                             c["train"] = gr.Button("Train", variant="primary", elem_id="train")
                             c["cancel_train"] = gr.Button("Cancel", variant="stop", elem_id="cancel_train")
@@ -265,23 +265,23 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                         c["gamma"] = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, elem_id="gamma",
                                                label="γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)")
                         with gr.Row():
-                            c["frames"] = gr.Number(d["frames"], label="Frames (over 16: FreeNoise windows)", precision=0, minimum=1, elem_id="frames")
-                            c["width"] = gr.Number(None, label="Width", precision=0, minimum=8, step=8, placeholder="model's (512; tiny 64)", elem_id="width")
-                            c["height"] = gr.Number(None, label="Height", precision=0, minimum=8, step=8, placeholder="model's (512; tiny 64)", elem_id="height")
+                            c["frames"] = gr.Number(d["frames"], label="Frames (over 16: FreeNoise windows)", precision=0, elem_id="frames")
+                            c["width"] = gr.Textbox("", label="Width", placeholder="the model's (512; tiny 64)", elem_id="width")
+                            c["height"] = gr.Textbox("", label="Height", placeholder="the model's (512; tiny 64)", elem_id="height")
                         with gr.Row():
                             c["seeds"] = gr.Textbox("0", label="Seeds (one clip each: 0, 1, 2 or 0-3)", elem_id="seeds")
-                            c["dice"] = gr.Button("🎲 Random seed", elem_id="random_seed", scale=0, min_width=140)
+                            c["dice"] = gr.Button("Random seed", elem_id="random_seed", scale=0, min_width=140)
                         with gr.Row():
                             c["steps"] = gr.Textbox("", label="Steps", placeholder="the preset's (25 full)", elem_id="steps")
                             c["guidance"] = gr.Textbox("", label="Guidance", placeholder="the preset's (7.5 full)", elem_id="guidance")
-                            c["fps"] = gr.Number(d["fps"], label="FPS", precision=0, minimum=1, elem_id="fps")
-                            c["preview_every"] = gr.Number(5, label="Live preview every N steps (0: off)", precision=0, minimum=0, elem_id="preview_every")
+                            c["fps"] = gr.Number(d["fps"], label="FPS", precision=0, elem_id="fps")
+                            c["preview_every"] = gr.Number(5, label="Live preview every N steps (0: off)", precision=0, elem_id="preview_every")
                         with gr.Accordion("Long video and prompt travel", open=False):
                             c["prompt_travel"] = gr.Textbox(label="Prompt travel: one 'FRAME: prompt' per line", lines=3,
                                                             placeholder="0: a <v*> dog walks\n24: a <v*> dog runs", elem_id="travel")
                             with gr.Row():
                                 c["context_length"] = gr.Textbox("", label="Window frames", placeholder="16")
-                                c["context_stride"] = gr.Number(d["context_stride"], label="Window stride", precision=0, minimum=1)
+                                c["context_stride"] = gr.Number(d["context_stride"], label="Window stride", precision=0)
                                 c["window_weighting"] = gr.Dropdown(list(WEIGHTING_SCHEMES), value=d["window_weighting"], label="Window blend")
                                 c["free_init"] = gr.Textbox("", label="FreeInit iterations", placeholder="off")
                         with gr.Row():
@@ -291,8 +291,9 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                         c["gen_status"] = gr.Markdown(elem_id="gen_status")
                         c["preview"] = gr.Image(label="Live preview (frames while denoising)", type="numpy", interactive=False,
                                                 height=160, elem_id="preview")
-                        c["gen_video"] = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, elem_id="gen_video")
-                        c["gen_clips"] = gr.Gallery(label="Clips of this request (click to play)", columns=4, height=160, elem_id="gen_clips")
+                        c["gen_video"] = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, height=360, elem_id="gen_video")
+                        c["gen_clips"] = gr.Gallery(label="Clips of this request (click to play)", columns=4, height=220, allow_preview=False,
+                                                    object_fit="contain", elem_id="gen_clips")
                         c["gen_settings"] = gr.JSON(label="Settings (run record)", elem_id="gen_settings")
 
             with gr.Tab("3 · Videos", id="videos"):
@@ -303,10 +304,10 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                             c["refresh"] = gr.Button("Refresh", scale=0, min_width=90)
                             c["reuse"] = gr.Button("Reuse these settings", scale=0, min_width=170, elem_id="reuse")
                         c["video_status"] = gr.Markdown(elem_id="video_status")
-                        c["library"] = gr.Gallery(label="All videos (click to open)", columns=4, height=320, allow_preview=False,
-                                                  elem_id="library")
+                        c["library"] = gr.Gallery(label="All videos (click to open)", columns=4, height=360, allow_preview=False,
+                                                  object_fit="contain", elem_id="library")
                     with gr.Column():
-                        c["lib_video"] = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, elem_id="lib_video")
+                        c["lib_video"] = gr.Video(label="Video", interactive=False, buttons=["download"], loop=True, height=360, elem_id="lib_video")
                         c["lib_settings"] = gr.JSON(label="Settings (run record)", elem_id="lib_settings")
                 with gr.Accordion("Refine (paper §4.3): Face VCD and Tiled VCD upscaling of the picked video", open=True):
                     with gr.Row():
@@ -315,7 +316,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                             c["refine_identities"] = gr.Dropdown([], multiselect=True, label="Identities", elem_id="refine_identities")
                             with gr.Row():
                                 c["refine_strength"] = gr.Textbox("", label="Strength", placeholder="0.8 face, 0.2 upscale (§5.2)", elem_id="refine_strength")
-                                c["refine_steps"] = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="refine_steps")
+                                c["refine_steps"] = gr.Number(25, label="Steps", precision=0, elem_id="refine_steps")
                                 c["refine_seed"] = gr.Number(0, label="Seed", precision=0, elem_id="refine_seed")
                                 c["refine_scale"] = gr.Dropdown([2, 4], value=2, label="Upscale ×", elem_id="refine_scale")
                             with gr.Row():
@@ -324,7 +325,8 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                                 c["cancel_refine"] = gr.Button("Cancel", variant="stop", elem_id="cancel_refine")
                         with gr.Column():
                             c["refine_status"] = gr.Markdown(elem_id="refine_status")
-                            c["refine_video"] = gr.Video(label="Refined video", interactive=False, buttons=["download"], loop=True, elem_id="refine_video")
+                            c["refine_video"] = gr.Video(label="Refined video", interactive=False, buttons=["download"], loop=True, height=360,
+                                                         elem_id="refine_video")
                             c["refine_settings"] = gr.JSON(label="Settings (run record)", elem_id="refine_settings")
                 with gr.Accordion("Metrics (paper §5.2): CLIP-I, DINO, CLIP-T, temporal consistency of the picked video", open=True):
                     gr.Markdown("Scores the picked video (a refined one beside its source) against a reference set. "

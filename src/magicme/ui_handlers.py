@@ -572,8 +572,8 @@ def generate_form(ws: Workspace, record: dict) -> dict:
     form = {
         "base": base, "motion_adapter": adapter, "base_config": models.get("base_config", ""), "preset": preset,
         "prompt": prompt, "negative_prompt": record.get("negative_prompt", ""), "identities": ws.identity_names(record),
-        "gamma": record.get("gamma"), "frames": record.get("frames"), "width": record.get("width"),
-        "height": record.get("height"), "steps": str(record.get("steps", "")), "seeds": str(record.get("seed", 0)),
+        "gamma": record.get("gamma"), "frames": record.get("frames"), "width": str(record.get("width", "")),
+        "height": str(record.get("height", "")), "steps": str(record.get("steps", "")), "seeds": str(record.get("seed", 0)),
         "guidance": str(record.get("guidance", "")), "fps": record.get("fps"), "prompt_travel": travel,
         "context_length": str(record.get("context_length") or ""), "context_stride": windows.get("stride", record.get("context_stride")),
         "window_weighting": record.get("window_weighting"), "free_init": str(record.get("free_init") or ""),
