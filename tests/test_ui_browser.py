@@ -319,3 +319,28 @@ def test_bad_upload_is_refused_with_a_message(page, server, tmp_path):
     page.locator("#upload_status").get_by_text("none of the 1 file(s) is a usable photo (photo.png: not a readable image").wait_for()
     assert ws.reference_sets() == before
     assert page.locator("#upload_status .mm-error").is_visible()
+
+
+def test_with_auth_a_login_opens_its_own_workspace_from_any_browser(browser, tmp_path):
+    from magicme import ui
+    from magicme.workspace import Workspaces
+
+    app = ui.build_app(tmp_path / "w", device="cpu")
+    port = free_port()
+    ui.launch(app, "127.0.0.1", port, block=False, quiet=True, auth=[("ann", "pw-ann"), ("bob", "pw-bob")])
+    try:
+        seen = []
+        for user in ("ann", "bob", "ann"):
+            context = browser.new_context()
+            page = context.new_page()
+            page.set_default_timeout(120_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("input[type=text]").first.fill(user)
+            page.locator("input[type=password]").fill(f"pw-{user}")
+            page.keyboard.press("Enter")
+            page.wait_for_function("() => document.querySelector('#where') && document.querySelector('#where').innerText.includes('workspaces/')")
+            seen.append(re.search(r"workspaces/([\w-]+)/", page.locator("#where").inner_text()).group(1))
+            context.close()
+        assert seen == [Workspaces.for_user("ann"), Workspaces.for_user("bob"), Workspaces.for_user("ann")]
+    finally:
+        app.close()

@@ -204,6 +204,7 @@ def latent_preview(pipe, latents, max_frames: int = 4):
 
     lat = latents[0]
     idx = np.unique(np.linspace(0, lat.shape[1] - 1, min(max_frames, lat.shape[1])).round().astype(int))
+    idx = torch.as_tensor(idx, device=lat.device)
     with torch.no_grad():
         picked = lat[:, idx].permute(1, 0, 2, 3) / pipe.vae.config.scaling_factor
         images = pipe.vae.decode(picked.to(pipe.vae.device, pipe.vae.dtype)).sample
