@@ -76,6 +76,16 @@ def test_a_failure_is_one_line_in_the_status_without_server_folders(ws):
     assert out["eval_status"] == "Error: unexpected RuntimeError: a library broke over two lines (the server's console has the details)"
 
 
+def test_progress_line_counts_steps_and_time_left(monkeypatch):
+    clock = iter([100.0, 102.0, 104.0, 200.0])
+    monkeypatch.setattr(h.time, "monotonic", lambda: next(clock))
+    progress = h.Progress()
+    assert progress.line("Denoising", 1, 5, key=1) == "Denoising: step 1/5"  # no pace yet
+    assert progress.line("Denoising", 2, 5, key=1) == "Denoising: step 2/5 · 6 s left"  # 2 s a step, 3 to go
+    assert progress.line("Denoising", 3, 5, key=1) == "Denoising: step 3/5 · 4 s left"
+    assert progress.line("Denoising", 1, 5, key=2) == "Denoising: step 1/5"  # the next clip starts its own pace
+
+
 @pytest.mark.parametrize("seeds, expected", [("3", [3]), ("0, 1, 2", [0, 1, 2]), ("4 5", [4, 5]), ("0-3", [0, 1, 2, 3]), (7, [7])])
 def test_seeds(seeds, expected):
     assert h.parse_seeds(seeds) == expected

@@ -95,10 +95,8 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
     def open_ws(wid) -> Workspace:
         return workspace if workspace is not None else spaces.get(wid)
 
-    def sets_update(ws, selected=None, keep=False):
+    def sets_update(ws, selected=None):
         names = ws.reference_sets()
-        if keep:
-            return gr.update(choices=names)
         return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
 
     def videos_out(ws: Workspace, picked: str | None) -> dict:
@@ -119,7 +117,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             elif key == "job":
                 res[job_key] = value
             elif key == "ref_set":
-                res.update(ref_set=sets_update(ws, value), eval_set=sets_update(ws, keep=True))
+                res.update(ref_set=sets_update(ws, value), eval_set=sets_update(ws, value))
             elif key in ("trained", "identity"):
                 ids = ws.identities()
                 res["identities"] = gr.update(choices=ids, value=[value]) if key == "trained" else gr.update(choices=ids)
@@ -163,7 +161,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         if asked:
             gr.Info("Cancelling: the job stops at its next step.")
         else:
-            gr.Info("Nothing of this page is running there.")
+            gr.Info("Nothing to cancel: no job of this page is running in this section.")
 
     with gr.Blocks(title="magicme", analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         # delete_cache: the copies Gradio keeps of uploads and outputs go after a day, checked hourly
@@ -356,7 +354,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             sets = ws.reference_sets()
             ids = ws.identities()
             out = {"browser_key": key, "sid": wid, "where": f"Your work is kept in `{ws.root.relative_to(files_root.parent)}/` on the server.",
-                   "ref_set": gr.update(choices=sets, value=sets[0] if sets else None), "eval_set": gr.update(choices=sets),
+                   "ref_set": sets_update(ws), "eval_set": sets_update(ws),
                    "identities": gr.update(choices=ids), "refine_identities": gr.update(choices=ids),
                    **videos_out(ws, None), **on_pick_set(ws, sets[0] if sets else None)}
             out["prepare_status"] = status_html(out["prepare_status"])

@@ -183,7 +183,7 @@ def parse_seeds(text) -> list[int]:
             raise ValueError(f"Seeds: {part!r} is out of range (seeds below 2^63, at most {MAX_SEEDS} clips)")
         seeds.extend(range(first, last + 1))
     if not seeds:
-        raise ValueError("Seeds: give at least one seed, e.g. 0 (the dice picks a random one)")
+        raise ValueError("Seeds: give at least one seed, e.g. 0 (Random seed rolls one)")
     if len(seeds) > MAX_SEEDS:
         raise ValueError(f"Seeds: {len(seeds)} seeds, at most {MAX_SEEDS} clips per request")
     return seeds
@@ -201,18 +201,17 @@ def parse_travel(text: str) -> dict[int, str]:
 
 
 class Progress:
-    """Step counts → a status line with the time left, from the pace so far."""
+    """Step counts → a status line with the time left, from the pace since the first step reported."""
 
     def __init__(self):
-        self.started = time.monotonic()
-        self.key = None
+        self.key, self.started, self.first = object(), 0.0, 0
 
     def line(self, what: str, step: int, steps: int | None, key=None) -> str:
         if key != self.key:  # a new clip or stage: its own pace
-            self.started, self.key = time.monotonic(), key
+            self.key, self.started, self.first = key, time.monotonic(), step
         if not steps:
             return f"{what}: step {step}"
-        left = (time.monotonic() - self.started) / step * (steps - step) if 0 < step < steps else 0
+        left = (time.monotonic() - self.started) / (step - self.first) * (steps - step) if self.first < step < steps else 0
         tail = "" if not left else f" · {left:.0f} s left" if left < 90 else f" · {left / 60:.0f} min left"
         return f"{what}: step {step}/{steps}{tail}"
 
@@ -284,9 +283,9 @@ def on_prepare(ws: Workspace, name: str | None, segmenter: str = "auto", mask_fi
     """Make the subject masks of a reference set (§4.2), or take the user's own masks (matched by file name)."""
     if not name:
         raise ValueError("Reference set: save or pick a set of photos first")
-    job = job or ws.new_job("prepare")
     if mask_files:
         ws.save_masks(name, mask_files)
+    job = job or ws.new_job("prepare")
     yield {"prepare_status": "Making the masks…", "job": job.id}
     try:
         for kind, value in stream(lambda report: ws.prepare(name, segmenter or "auto", bool(mask_files), report, job)):
