@@ -33,6 +33,8 @@ def free_port() -> int:
     ("127.0.0.1", [], "127.0.0.1:7860", "null", False),
     ("127.0.0.1", ["studio.lan"], "studio.lan:7860", "http://studio.lan:7860", True),
     ("127.0.0.1", ["studio.lan"], "STUDIO.LAN.:7860", None, True),
+    ("127.0.0.1", ["proxy.example"], "127.0.0.1:7860", "https://proxy.example", True),  # a reverse proxy's page
+    ("127.0.0.1", ["proxy.example"], "127.0.0.1:7860", "http://localhost:8888", False),
     ("0.0.0.0", [], "192.168.1.20:7860", "http://192.168.1.20:7860", True),  # every interface: its addresses
     ("0.0.0.0", [], "evil.example:7860", None, False),
     ("0.0.0.0", ["*"], "evil.example:7860", "http://other.example", True),  # the user turned the check off

@@ -192,6 +192,10 @@ def test_user_masks_match_photos_by_name_and_drive_prepare(tmp_path):
     with pytest.raises(ValueError, match="mask 'rex.png' is 96x50 but its image is 96x96") as e:
         ws.save_masks(name, [str(up / "rex.png"), str(up / "fido.png")])
     assert str(tmp_path) not in str(e.value)
+    (up / "fido.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"mask 'fido.png': not a readable image"):
+        ws.save_masks(name, [str(up / "rex_mask.png"), str(up / "fido.png")])
+    Image.fromarray(rgba).save(up / "fido.png")
     ws.save_masks(name, [str(up / "fido.png"), str(up / "rex_mask.png")])
     manifest = ws.prepare(name, user_masks=True)
     assert [it["mask_method"] for it in manifest["items"]] == ["user", "user"]
@@ -222,3 +226,12 @@ def test_a_painted_mask_replaces_one_prepared_mask(tmp_path):
         ws.set_mask(name, 0, np.zeros((side, side), bool))
     with pytest.raises(ValueError, match="pick one of the 2 masks"):
         ws.set_mask(name, 5, painted)
+
+
+def test_clip_names_say_what_they_show_and_stay_valid_names():
+    from magicme.workspace import _NAME, video_name
+
+    assert video_name("a <v*> dog running!", 3).startswith("a-v-dog-running-s3-")
+    longest = video_name("upscale " + "word " * 40, 2**63 - 1)
+    assert _NAME.match(longest) and longest.endswith(".mp4")
+    assert video_name("<v*>", 0).startswith("v-s0-") and video_name("<>", 0).startswith("clip-s0-")

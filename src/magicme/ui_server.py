@@ -37,6 +37,7 @@ class HostPolicy:
     """Which names may appear in a request's Host (and a browser's Origin)."""
 
     names: frozenset[str]
+    allowed: frozenset[str] = frozenset()  # the user's --allow-host names: also accepted as a page's Origin behind a proxy
     any_ip: bool = False  # bound to every interface: any IP literal (a rebinding attack needs a DNS name)
     off: bool = False  # --allow-host '*': behind a proxy that checks hosts itself
 
@@ -64,7 +65,7 @@ def host_policy(host: str, allow: list[str] | tuple[str, ...] = ()) -> HostPolic
     wildcard = host in WILDCARD
     if wildcard:
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
-    return HostPolicy(frozenset(names), any_ip=wildcard, off="*" in extra)
+    return HostPolicy(frozenset(names), frozenset(extra - {"*"}), any_ip=wildcard, off="*" in extra)
 
 
 def _hostname(netloc: str) -> str | None:
@@ -82,7 +83,8 @@ def refusal(host: str | None, origin: str | None, policy: HostPolicy) -> str | N
         return f"Host {host!r} is not an address of this server (start magicme ui with --allow-host NAME to use that name)"
     if origin is not None:
         parts = urlsplit(origin) if origin != "null" else None
-        if parts is None or not policy.allows(parts.hostname) or parts.netloc.lower() != host.lower():
+        same = parts is not None and parts.netloc.lower() == host.lower()
+        if parts is None or not policy.allows(parts.hostname) or not (same or parts.hostname in policy.allowed):
             return f"requests from {origin!r} are refused: only this server's own page may use it"
     return None
 

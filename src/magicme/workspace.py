@@ -126,7 +126,7 @@ def new_name(prefix: str = "") -> str:
 
 def video_name(prompt: str, seed: int) -> str:
     """A clip's file name that says what it is: `a-v-dog-running-s3-20260101-120000-1a2b3c.mp4`."""
-    return new_name(f"{_slug(prompt, 40, empty='clip')}-s{seed}-") + ".mp4"
+    return new_name(f"{_slug(prompt, 32, empty='clip')}-s{seed}-") + ".mp4"  # at most 80 characters: a name `_NAME` accepts
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -313,13 +313,15 @@ class Workspace:
         tmp = Path(tempfile.mkdtemp(prefix=".masks.", dir=folder))
         try:
             for i, path in sorted(by_stem.items()):
-                read_photo(path, replace(self.limits, formats=(*self.limits.formats, "BMP")))  # size and type, as for photos
                 with Image.open(images[i]) as photo:
                     size = photo.size
                 try:
+                    read_photo(path, replace(self.limits, formats=(*self.limits.formats, "BMP")))  # size and type, as for photos
                     mask = read_user_mask(path, size)
-                except ValueError as e:
-                    raise ValueError(str(e).replace(repr(str(path)), repr(display_name(path))).replace("--masks: ", "mask ")) from None
+                except ValueError as e:  # name the mask as the user knows it, not by its upload path
+                    text, shown = str(e), repr(display_name(path))
+                    text = text.replace(repr(str(path)), shown).replace("--masks: ", "mask ") if repr(str(path)) in text else f"mask {shown}: {text}"
+                    raise ValueError(text) from None
                 Image.fromarray(mask.astype("uint8") * 255).save(tmp / f"{i:03d}.png")
             os.chmod(tmp, 0o755)
             _replace_folder(tmp, folder / "masks")
