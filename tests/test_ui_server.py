@@ -65,7 +65,7 @@ def test_only_files_in_the_served_roots_pass(tmp_path):
 def server(tmp_path_factory):
     from magicme import ui
 
-    home = tmp_path_factory.mktemp("home")  # `--workdir ~`: a user's folder with secrets in it
+    home = tmp_path_factory.mktemp("home")  # `--work-dir ~`: a user's folder with secrets in it
     (home / ".ssh").mkdir()
     (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
     app = ui.build_app(home, device="cpu")
@@ -156,17 +156,17 @@ def test_cli_ui_warns_loudly_and_passes_logins_hosts_and_mode(monkeypatch, tmp_p
     assert main(["ui", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--port" in err[0] and calls == []
-    assert main(["ui", "--host", "0.0.0.0", "--port", "7999", "--workdir", str(tmp_path / "w"), "--allow-host", "box.lan", "--shared"]) == 0
+    assert main(["ui", "--host", "0.0.0.0", "--port", "7999", "--work-dir", str(tmp_path / "w"), "--allow-host", "box.lan", "--shared"]) == 0
     (app, kw), = calls
     assert app.magicme_files == (tmp_path / "w" / "workspaces").resolve()
     assert (kw["host"], kw["port"], kw["auth"], kw["allow_hosts"], kw["quiet"]) == ("0.0.0.0", 7999, [("ann", "from-env")], ["box.lan"], True)
     out = capsys.readouterr()
     assert "WARNING: --host 0.0.0.0" in out.err and "http://0.0.0.0:7999" in out.out and "one workspace for everyone" in out.out
     monkeypatch.delenv("MAGICME_UI_AUTH")
-    assert main(["ui", "--auth", "nocolon", "--workdir", str(tmp_path / "w")]) == 2
+    assert main(["ui", "--auth", "nocolon", "--work-dir", str(tmp_path / "w")]) == 2
     assert "nocolon" not in capsys.readouterr().err
     home = tmp_path / "home"
     (home / "workspaces").mkdir(parents=True)
     (home / "workspaces" / "taxes.pdf").write_text("x")
-    assert main(["ui", "--workdir", str(home)]) == 2
+    assert main(["ui", "--work-dir", str(home)]) == 2
     assert "not made by magicme ui" in capsys.readouterr().err

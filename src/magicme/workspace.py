@@ -162,16 +162,16 @@ def _replace_folder(tmp: Path, dest: Path) -> None:
 def claim_folder(folder: Path) -> Path:
     """Create `folder` and mark it as the UI's, or accept it if marked (or empty); refuse a folder someone else filled."""
     if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"--workdir: {str(folder)!r} is a file, not a folder")
+        raise FileExistsError(f"--work-dir: {str(folder)!r} is a file, not a folder")
     if folder.is_dir() and not (folder / MARK).is_file() and any(folder.iterdir()):
-        raise FileExistsError(f"--workdir: {str(folder)!r} exists and was not made by magicme ui; name another --workdir")
+        raise FileExistsError(f"--work-dir: {str(folder)!r} exists and was not made by magicme ui; name another --work-dir")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARK).touch()
     except (FileExistsError, NotADirectoryError):
-        raise FileExistsError(f"--workdir: {str(folder.parent)!r} is not a folder") from None
+        raise FileExistsError(f"--work-dir: {str(folder.parent)!r} is not a folder") from None
     except PermissionError:
-        raise ValueError(f"--workdir: {str(folder.parent)!r} is not writable") from None
+        raise ValueError(f"--work-dir: {str(folder.parent)!r} is not writable") from None
     return folder
 
 
