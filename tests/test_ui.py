@@ -228,6 +228,77 @@ def test_generate_with_an_identity_checks_the_token_and_says_so_whole(ws, tmp_pa
     assert out["gen_status"] == "Error: identity '../id.safetensors' is not a name from this workspace"
 
 
+@pytest.fixture(scope="module")
+def lora_uploads(tmp_path_factory):
+    """A kohya LoRA and an AnimateDiff motion LoRA (pickled .ckpt) for the tiny preset, as a user uploads them."""
+    from lora_files import animatediff_motion_lora_layout, kohya_layout, random_lora, random_motion_lora
+    from safetensors.torch import save_file
+
+    from magicme.models import load_pipeline
+
+    pipe = load_pipeline(ModelSpec(), device="cpu")
+    root = tmp_path_factory.mktemp("lora-uploads")
+    save_file(kohya_layout(random_lora(pipe.unet, pipe.text_encoder)), str(root / "My Style (v2).safetensors"))
+    torch.save(animatediff_motion_lora_layout(random_motion_lora(pipe.unet)), root / "v2_lora_ZoomIn.ckpt")
+    return root
+
+
+def test_model_section_loras_freeu_clip_skip_make_the_clip_the_cli_makes_and_reuse_refills_them(ws, lora_uploads, tmp_path):
+    from magicme.models import load_pipeline
+
+    style, zoom = str(lora_uploads / "My Style (v2).safetensors"), str(lora_uploads / "v2_lora_ZoomIn.ckpt")
+    page = h.on_upload_loras(ws, [style, zoom], "", motion=False)  # the motion LoRA in the wrong box is skipped by name
+    (name,) = ws.loras()
+    assert name.startswith("my-style-v2-") and page["loras"] == f"{name}:1.0"
+    assert "Skipped LoRA 'v2_lora_ZoomIn.ckpt' is an AnimateDiff motion LoRA; pass it with Motion LoRA" in page["model_status"]
+    mname = h.on_upload_loras(ws, [zoom], "", motion=True)["motion_loras"].split(":")[0]
+    assert mname.endswith(".safetensors") and (ws.root / "loras" / mname).read_bytes()[:8] != b"PK\x03\x04"  # no pickle kept
+
+    model = ("tiny", "", "", "dpmpp-2m", "full", f"{name}:0.5", f"{mname}:0.6", "1.1, 1.2, 0.9, 0.4", 1)
+    page = last(h.on_generate(ws, model, "a dog", "", [], 0.15, 2, None, None, 2, "5"))
+    record = page["gen_settings"]["models"]
+    assert [e["scale"] for e in record["loras"] + record["motion_loras"]] == [0.5, 0.6]
+    assert record["freeu"] == {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.4} and record["clip_skip"] == 1
+    # the reference: CLI-style generate with the files as uploaded (the UI re-saved them as .safetensors)
+    spec = ModelSpec(scheduler="dpmpp-2m", loras=(f"{style}:0.5",), motion_loras=(f"{zoom}:0.6",), freeu=(1.1, 1.2, 0.9, 0.4), clip_skip=1)
+    cfg = GenerateConfig(prompts=["a dog"], seeds=[5], frames=2, steps=2, gamma=0.15, models=spec)
+    ref = generate(cfg, tmp_path / "ref.mp4", pipe=load_pipeline(spec, device="cpu"), quiet=True)[0]
+    assert np.array_equal(read_video(ws.video_path(page["new_video"])), read_video(ref))
+    plain = last(h.on_generate(ws, TINY_MODEL, "a dog", "", [], 0.15, 2, None, None, 2, "5"))["new_video"]
+    assert not np.array_equal(read_video(ws.video_path(plain)), read_video(ref))  # the options did something
+
+    form = h.reuse_settings(ws, page["new_video"])
+    assert {k: form[k] for k in ("scheduler", "loras", "motion_loras", "freeu", "clip_skip")} == {
+        "scheduler": "dpmpp-2m", "loras": f"{name}:0.5", "motion_loras": f"{mname}:0.6", "freeu": "1.1, 1.2, 0.9, 0.4", "clip_skip": 1}
+    again = last(h.on_generate(ws, tuple(form[k] for k in h.MODEL_FIELDS), **{k: form[k] for k in h.GENERATE_FIELDS if k in form}))
+    assert np.array_equal(read_video(ws.video_path(again["new_video"])), read_video(ref))
+
+
+def test_reference_preset_records_its_recipe_and_reuse_leaves_its_freeu_blank(ws):
+    page = last(h.on_generate(ws, ("tiny", "", "", "ddim", "reference"), "a dog", "", [], 0.15, 2, None, None, 1, "0"))
+    models = page["gen_settings"]["models"]
+    assert (models["preset"], models["scheduler"], models["freeu"]) == ("reference", "dpmpp-2m-karras", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.4})
+    form = h.reuse_settings(ws, page["new_video"])
+    assert (form["preset"], form["freeu"], form["loras"], form["clip_skip"]) == ("reference", "", "", 0)
+
+
+def test_lora_boxes_name_no_server_path_they_cannot_use(ws, tmp_path):
+    """A missing path, a file that is no LoRA and a relative path all get the same words (no existence oracle)."""
+    not_lora = tmp_path / "notes.safetensors"
+    not_lora.write_bytes(b"secret")
+    messages = set()
+    for entry in ("/no/such/lora.safetensors", str(not_lora), "notes.safetensors", str(tmp_path)):
+        out = run(h.on_generate, "gen_status", ws, (*TINY_MODEL, entry + ":0.8"), "a dog", "", [], 0.15, 2, None, None, 1)[-1]
+        messages.add(out["gen_status"].replace(repr(entry), "X"))
+    assert messages == {f"Error: LoRAs: X is not a usable lora ({h.LORA_HINT}, by its full path)"}
+    bad = run(h.on_generate, "gen_status", ws, (*TINY_MODEL, "", "", "1, 2"), "a dog", "", [], 0.15, 2, None, None, 1)[-1]
+    assert bad["gen_status"].startswith("Error: FreeU takes four numbers") and "--" not in bad["gen_status"]
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not weights")
+    out = list(h.guarded(h.on_upload_loras, "model_status", ws)(ws, [str(junk)], "x:1.0"))[-1]
+    assert out["model_status"].startswith("Error: LoRA 'junk.safetensors' is not a readable .safetensors file") and str(tmp_path) not in out["model_status"]
+
+
 @pytest.mark.parametrize(
     "model, fields, message",
     [

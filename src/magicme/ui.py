@@ -26,6 +26,7 @@ from .ui_handlers import (
     on_evaluate,
     on_generate,
     on_import_identity,
+    on_upload_loras,
     on_pick_mask,
     on_pick_set,
     on_pick_video,
@@ -46,7 +47,7 @@ from .workspace import SHARED, Workspace, Workspaces
 TINY_WARNING = ("⚠ **Base model `tiny`: random weights, so every video is coloured noise.** It runs the whole workflow "
                 "offline in seconds; for real videos enter an SD-1.5-family model under *Model* (a hub id, a diffusers "
                 "folder or a .safetensors file on the server).")
-STATUS_KEYS = ("upload_status", "prepare_status", "mask_status", "train_status", "import_status", "gen_status",
+STATUS_KEYS = ("model_status", "upload_status", "prepare_status", "mask_status", "train_status", "import_status", "gen_status",
                "video_status", "refine_status", "eval_status")
 # an output that stands for several components: what each handler key updates
 EXPANSION = {
@@ -185,7 +186,25 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                 c["base_config"] = gr.Textbox("", label="Base config (single-file base only)")
                 c["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler (full preset)")
                 c["preset"] = gr.Dropdown(list(PRESETS), value="full", label="Speed preset", elem_id="preset",
-                                          info="fast: AnimateDiff-Lightning 4 steps; lcm: AnimateLCM")
+                                          info="fast: AnimateDiff-Lightning 4 steps; lcm: AnimateLCM; reference: the "
+                                               "Magic-Me code's recipe (DPM++ 2M Karras, 20 steps, CFG 8, FreeU)")
+            with gr.Row():
+                for key, label, what in (("loras", "LoRAs", "style/character LoRAs (kohya/A1111 or diffusers)"),
+                                         ("motion_loras", "Motion LoRAs", "AnimateDiff motion LoRAs (v2_lora_ZoomIn.ckpt …)")):
+                    with gr.Column():
+                        c[key] = gr.Textbox(label=label, lines=2, elem_id=key, placeholder="NAME:SCALE, one per line",
+                                            info=f"{what}: upload them below, or give a file on the server by its full path; "
+                                                 "the number after the colon is the scale (default 1)")
+                        c[f"{key}_files"] = gr.File(label=f"Upload {label.lower().replace('lora', 'LoRA')} (.safetensors, .ckpt)",
+                                                    file_count="multiple", file_types=[".safetensors", ".ckpt", ".pt", ".pth"],
+                                                    elem_id=f"{key}_files", height=110)
+                with gr.Column():
+                    c["freeu"] = gr.Textbox("", label="FreeU", elem_id="freeu", placeholder="blank: the preset's",
+                                            info="on: SD-1.5's 1.5, 1.6, 0.9, 0.2; or b1, b2, s1, s2; blank: the preset's "
+                                                 "(reference: 1.1, 1.2, 0.9, 0.4; the others: off)")
+                    c["clip_skip"] = gr.Number(0, label="Clip skip", precision=0, minimum=0, elem_id="clip_skip",
+                                               info="text-encoder layers left out at the end (1 = A1111's “Clip skip: 2”)")
+            c["model_status"] = gr.Markdown(elem_id="model_status")
 
         with gr.Tabs() as c["tabs"]:
             with gr.Tab("1 · Photos & identity", id="identity"):
@@ -381,14 +400,20 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         on(c["save_mask"].click, on_save_mask, ["ref_set", "mask_index", "mask_editor"],
            ["prepare_status", "contact", "masks", "mask_status", "mask_editor", "mask_index", "paint"], "mask_status")
 
+        # ---- model
+        for key, motion in (("loras", False), ("motion_loras", True)):
+            on(c[f"{key}_files"].upload, lambda ws, files, text, motion=motion, key=key: {**on_upload_loras(ws, files, text, motion), f"{key}_files": None},
+               [f"{key}_files", key], [key, f"{key}_files", "model_status"], "model_status")
+
         # ---- identities
-        on(c["train"].click, lambda ws, *v: on_train(ws, v[:5], *v[5:]),
+        m = len(MODEL_FIELDS)
+        on(c["train"].click, lambda ws, *v: on_train(ws, v[:m], *v[m:]),
            [*MODEL_FIELDS, "ref_set", "token", "train_steps", "lr", "num_vectors", "masked", "train_seed", "train_preview_every"],
            ["train_status", "loss", "checkpoints", "trained"], "train_status", job="job_train")
         on(c["import"].click, on_import_identity, ["id_file"], ["import_status", "identity"], "import_status")
 
         # ---- generate
-        on(c["generate"].click, lambda ws, *v: on_generate(ws, v[:5], **dict(zip(GENERATE_FIELDS, v[5:]))),
+        on(c["generate"].click, lambda ws, *v: on_generate(ws, v[:m], **dict(zip(GENERATE_FIELDS, v[m:]))),
            [*MODEL_FIELDS, *GENERATE_FIELDS], ["gen_status", "preview", "gen_video", "gen_settings", "gen_clips",
                                                "gen_clip_names", "new_video"], "gen_status", job="job_generate")
         c["dice"].click(lambda: str(random_seed()), None, c["seeds"])
@@ -420,7 +445,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
 
         on(c["reuse"].click, reuse, ["video_pick"], reuse_keys, "video_status")
         for stage in ("face", "upscale"):
-            on(c[stage].click, lambda ws, *v, stage=stage: on_refine(ws, v[:5], stage, *v[5:]),
+            on(c[stage].click, lambda ws, *v, stage=stage: on_refine(ws, v[:m], stage, *v[m:]),
                [*MODEL_FIELDS, "video_pick", "refine_prompt", "refine_identities", "refine_strength", "refine_steps",
                 "refine_seed", "refine_scale"], ["refine_status", "refine_video", "refine_settings", "new_video"],
                "refine_status", job="job_refine")

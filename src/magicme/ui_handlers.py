@@ -22,7 +22,7 @@ from .workspace import Workspace, video_prompt
 
 log = logging.getLogger(__name__)
 
-MODEL_FIELDS = ("base", "motion_adapter", "base_config", "scheduler", "preset")
+MODEL_FIELDS = ("base", "motion_adapter", "base_config", "scheduler", "preset", "loras", "motion_loras", "freeu", "clip_skip")
 GENERATE_FIELDS = ("prompt", "negative_prompt", "identities", "gamma", "frames", "width", "height", "steps", "seeds",
                    "guidance", "fps", "prompt_travel", "context_length", "context_stride", "window_weighting",
                    "free_init", "preview_every")
@@ -38,7 +38,9 @@ FIELD_LABELS = {
     "--scheduler": "Scheduler", "--preset": "Speed preset", "--scale": "Upscale ×", "--strength": "Strength",
     "--clip-model": "CLIP model", "--dino-model": "DINO model", "--masks": "Masks", "--segmenter": "Segmenter",
     "--checkpoint-every": "Preview every", "--data": "Reference set", "--images": "Photos",
+    "--lora": "LoRA", "--motion-lora": "Motion LoRA", "--freeu": "FreeU", "--clip-skip": "Clip skip",
 }
+LORA_HINT = "a LoRA uploaded here, or a LoRA file on the server"
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -84,8 +86,9 @@ def guarded(handler: Callable, status: str, ws: Workspace | None = None) -> Call
 # ---- form values
 
 
-def model_spec(base: str, motion_adapter: str = "", base_config: str = "", scheduler: str = "ddim", preset: str = "full"):
-    """The form's model fields as a `ModelSpec` (blank fields mean the defaults)."""
+def model_spec(base: str, motion_adapter: str = "", base_config: str = "", scheduler: str = "ddim", preset: str = "full",
+               loras: str = "", motion_loras: str = "", freeu: str = "", clip_skip=0, ws: Workspace | None = None):
+    """The form's model fields as a `ModelSpec` (blank fields mean the defaults); `ws` resolves uploaded LoRAs' names."""
     from .models import TINY, ModelSpec
 
     return ModelSpec(
@@ -94,7 +97,58 @@ def model_spec(base: str, motion_adapter: str = "", base_config: str = "", sched
         base_config=(base_config or "").strip() or None,
         scheduler=scheduler or "ddim",
         preset=preset or "full",
+        loras=lora_entries(ws, loras, motion=False),
+        motion_loras=lora_entries(ws, motion_loras, motion=True),
+        freeu=parse_freeu(freeu),
+        clip_skip=_int(clip_skip, "Clip skip", optional=True) or 0,
     )
+
+
+def lora_entries(ws: Workspace | None, text: str | None, motion: bool) -> tuple[str, ...]:
+    """'NAME[:SCALE]' lines → the `ModelSpec` entries 'PATH:SCALE'.
+
+    NAME is a LoRA uploaded to this workspace or a file on the server; a server path that is no
+    readable LoRA of the asked kind gets one message whether or not it exists (no existence oracle).
+    """
+    from .lora import read_lora
+
+    label = "Motion LoRAs" if motion else "LoRAs"
+    out = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, scale = line, 1.0
+        head, sep, tail = line.rpartition(":")
+        if sep and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", tail):
+            name, scale = head.strip(), float(tail)
+        if ws is not None and name in ws.loras():
+            path = ws.lora_path(name)
+        else:
+            path = Path(name).expanduser()
+            try:
+                usable = path.is_absolute() and path.is_file()
+                if usable:
+                    read_lora(str(path), motion)
+            except (ValueError, OSError):
+                usable = False
+            if not usable:
+                raise ValueError(f"{label}: {name!r} is not a usable {label[:-1].lower()} ({LORA_HINT}, by its full path)")
+        out.append(f"{path}:{scale!r}")
+    return tuple(out)
+
+
+def parse_freeu(text: str | None):
+    """The FreeU field: blank → the preset's; 'on' → SD-1.5's values; 'B1,B2,S1,S2' → those (checked by `ModelSpec.check`)."""
+    text = (text or "").strip().lower()
+    if not text:
+        return None
+    if text in ("on", "yes", "sd15", "sd-1.5"):
+        return True
+    try:
+        return tuple(float(v) for v in re.split(r"[,\s]+", text))
+    except ValueError:
+        raise ValueError(f"FreeU takes 'on' or four numbers b1, b2, s1, s2 such as 1.5, 1.6, 0.9, 0.2, got {text!r}") from None
 
 
 def check_model_box(label: str, value: str | None) -> None:
@@ -376,7 +430,7 @@ def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_
         masked=bool(masked),
         seed=_int(seed, "Seed"),
         checkpoint_every=_int(preview_every, "Preview every", optional=True) or 0,
-        models=model_spec(*model),
+        models=model_spec(*model, ws=ws),
     )
     job = job or ws.new_job("train")
     losses: list[tuple[int, float]] = []
@@ -411,6 +465,27 @@ def on_import_identity(ws: Workspace, file: str | None) -> dict:
     return {"import_status": f"Imported identity {name}.", "identity": name}
 
 
+def on_upload_loras(ws: Workspace, files, current: str, motion: bool = False) -> dict:
+    """Store uploaded LoRAs (motion LoRAs) and add a 'NAME:1.0' line for each to its field; an unusable file is skipped by name."""
+    key = "motion_loras" if motion else "loras"
+    files = [f for f in (files or []) if f]
+    if not files:
+        raise ValueError(f"{'Motion LoRAs' if motion else 'LoRAs'}: upload a .safetensors or .ckpt file")
+    added, skipped = [], []
+    for f in files:
+        try:
+            added.append(ws.import_lora(f, motion))
+        except ValueError as e:
+            skipped.append(ui_terms(str(e)))
+    if not added:
+        raise ValueError("; ".join(skipped))
+    lines = [line for line in (current or "").splitlines() if line.strip()] + [f"{n}:1.0" for n in added]
+    status = f"Added {', '.join(added)} at scale 1.0 (edit the number after the colon to change it)."
+    if skipped:
+        status += " Skipped " + "; ".join(skipped)
+    return {key: "\n".join(lines), "model_status": status}
+
+
 # ---- generate
 
 
@@ -439,7 +514,7 @@ def on_generate(ws: Workspace, model, prompt: str = "", negative_prompt: str = "
         gamma=_float(gamma, "γ"),
         fps=_int(fps, "FPS"),
         identities=list(identities or []),
-        models=model_spec(*model),
+        models=model_spec(*model, ws=ws),
         prompt_at=parse_travel(prompt_travel),
         context_length=_int(context_length, "Window frames", optional=True),
         context_stride=_int(context_stride, "Window stride"),
@@ -579,7 +654,22 @@ def generate_form(ws: Workspace, record: dict) -> dict:
     }
     if preset == "full":
         form["scheduler"] = models.get("scheduler")
+    form.update(formats_form(ws, models, preset))
     return {k: v for k, v in form.items() if v is not None}
+
+
+def formats_form(ws: Workspace, models: dict, preset: str) -> dict:
+    """The LoRA, FreeU and clip-skip fields that remake a run record's `models` entry."""
+    from .models import PRESETS
+
+    def lines(entries):
+        return "\n".join(f"{ws.lora_name(e['name']) or e['name']}:{float(e.get('scale', 1.0))!r}" for e in entries or [])
+
+    freeu = models.get("freeu")
+    values = tuple(freeu[k] for k in ("b1", "b2", "s1", "s2")) if freeu else None
+    return {"loras": lines(models.get("loras")), "motion_loras": lines(models.get("motion_loras")),
+            "freeu": "" if values is None or values == (PRESETS[preset].freeu if preset in PRESETS else None) else ", ".join(f"{v:g}" for v in values),
+            "clip_skip": models.get("clip_skip", 0)}
 
 
 def on_refine(ws: Workspace, model, stage: str, video: str | None, prompt: str, identities, strength, steps, seed,
@@ -595,7 +685,7 @@ def on_refine(ws: Workspace, model, stage: str, video: str | None, prompt: str, 
         raise ValueError("Videos: pick a clip to refine")
     check_model_boxes(model)
     common = dict(prompt=(prompt or "").strip(), seed=_int(seed, "Seed"), steps=_int(steps, "Steps"),
-                  identities=list(identities or []), models=model_spec(*model))
+                  identities=list(identities or []), models=model_spec(*model, ws=ws))
     if _float(strength, "Strength", optional=True) is not None:
         common["strength"] = _float(strength, "Strength")
     cfg = FaceConfig(**common) if stage == "face" else UpscaleConfig(**common, scale=_int(scale, "Upscale ×"))

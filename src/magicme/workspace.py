@@ -9,6 +9,7 @@ generated here, no client path or name is ever used as one:
     references/<set>/masks/000.png …    the user's own masks, when uploaded
     references/<set>/prepared/          the prepared set (prepare.py): square images, masks, manifest
     identities/<name>.safetensors       identity files (imported or trained)
+    loras/<name>.safetensors            uploaded LoRAs and motion LoRAs, re-saved as .safetensors
     checkpoints/<identity>/step-…/      training checkpoints with their preview frames
     videos/<name>.mp4 (+ .mp4.json)     clips with their run record (+ .mp4.metrics.json once scored)
     thumbnails/<name>.png               one frame of each clip, for the gallery
@@ -37,6 +38,7 @@ from .runner import Job, Runner, identities_loaded, latent_preview, step_reporte
 from .video import read_sidecar, sidecar_path
 
 REFERENCES, IDENTITIES, VIDEOS, CHECKPOINTS, THUMBNAILS = "references", "identities", "videos", "checkpoints", "thumbnails"
+LORAS = "loras"
 SET_RECORD = "set.json"
 WORKSPACES = "workspaces"
 MARK = ".magicme-ui"  # the UI made this folder: it may serve and replace what is inside
@@ -58,6 +60,7 @@ class UploadLimits:
     min_side: int = 16  # smaller is no photo of a subject (and breaks GrabCut)
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # what `prepare` reads
     max_identity_bytes: int = 2**20  # an identity is K × 768 floats: a few KiB
+    max_lora_bytes: int = 2**30  # SD-1.5 LoRAs are 10–300 MB, AnimateDiff's motion LoRAs 77 MB
 
 
 def display_name(path: str | Path) -> str:
@@ -221,12 +224,12 @@ class Workspace:
         self.device = self.runner.device
         self.limits = limits
         self.id = wid
-        for sub in (REFERENCES, IDENTITIES, VIDEOS, THUMBNAILS):
+        for sub in (REFERENCES, IDENTITIES, VIDEOS, THUMBNAILS, LORAS):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # ---- names → paths: only names this workspace generated resolve, and only inside its folders
     def _resolve(self, sub: str, name: str, suffix: str = "") -> Path:
-        what = {REFERENCES: "reference set", IDENTITIES: "identity", VIDEOS: "video"}[sub]
+        what = {REFERENCES: "reference set", IDENTITIES: "identity", VIDEOS: "video", LORAS: "LoRA"}[sub]
         if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".json"):
             raise ValueError(f"{what} {name!r} is not a name from this workspace")
         path = self.root / sub / (name if not suffix or name.endswith(suffix) else name + suffix)
@@ -491,6 +494,45 @@ class Workspace:
             if path.parent == folder and path.is_file():
                 out.append(path.name)
         return out
+
+    # ---- LoRAs
+    def import_lora(self, path: str | Path, motion: bool = False) -> str:
+        """Store an uploaded LoRA (motion LoRA) after reading it safely and checking its kind; return its name.
+
+        The tensors are re-saved as .safetensors, so a pickled `.ckpt` upload is never kept as a pickle.
+        """
+        from .lora import read_lora
+        from .weights import read_weights, tensors, write_safetensors
+
+        what = "motion LoRA" if motion else "LoRA"
+        if not path:
+            raise ValueError(f"{what}: upload a .safetensors or .ckpt file")
+        shown = display_name(path)
+        size = os.path.getsize(path)
+        if size > self.limits.max_lora_bytes:
+            raise ValueError(f"{what} {shown!r}: {size / 2**20:.0f} MiB is over the {self.limits.max_lora_bytes // 2**20} MiB limit")
+        try:
+            read_lora(str(path), motion)  # the kind the field asks for, read without running any pickle
+            state = tensors(read_weights(path, what))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(str(e).replace(repr(str(path)), repr(shown))) from None
+        name = f"{_slug(Path(shown).stem, 32, empty='lora')}-{secrets.token_hex(3)}.safetensors"
+        write_safetensors(self.root / LORAS / name, state, {"kind": "motion_lora" if motion else "lora"})
+        return name
+
+    def loras(self) -> list[str]:
+        """Names of the stored LoRAs and motion LoRAs, newest first."""
+        folder = self.root / LORAS
+        return sorted((p.name for p in folder.glob("*.safetensors") if _NAME.match(p.name)),
+                      key=lambda n: (folder / n).stat().st_mtime, reverse=True)
+
+    def lora_path(self, name: str) -> Path:
+        return self._resolve(LORAS, name, ".safetensors")
+
+    def lora_name(self, path: str) -> str | None:
+        """The workspace name of a LoRA a run record names by path, if it is one of this workspace's."""
+        p = Path(path)
+        return p.name if p.parent == self.root / LORAS and p.is_file() else None
 
     # ---- videos
     def videos(self) -> list[str]:
