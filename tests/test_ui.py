@@ -250,7 +250,7 @@ def test_model_section_loras_freeu_clip_skip_make_the_clip_the_cli_makes_and_reu
     page = h.on_upload_loras(ws, [style, zoom], "", motion=False)  # the motion LoRA in the wrong box is skipped by name
     (name,) = ws.loras()
     assert name.startswith("my-style-v2-") and page["loras"] == f"{name}:1.0"
-    assert "Skipped LoRA 'v2_lora_ZoomIn.ckpt' is an AnimateDiff motion LoRA; pass it with Motion LoRA" in page["model_status"]
+    assert "Skipped LoRA 'v2_lora_ZoomIn.ckpt' is an AnimateDiff motion LoRA; upload it under Motion LoRAs" in page["model_status"]
     mname = h.on_upload_loras(ws, [zoom], "", motion=True)["motion_loras"].split(":")[0]
     assert mname.endswith(".safetensors") and (ws.root / "loras" / mname).read_bytes()[:8] != b"PK\x03\x04"  # no pickle kept
 

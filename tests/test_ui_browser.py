@@ -344,3 +344,48 @@ def test_with_auth_a_login_opens_its_own_workspace_from_any_browser(browser, tmp
         assert seen == [Workspaces.for_user("ann"), Workspaces.for_user("bob"), Workspaces.for_user("ann")]
     finally:
         app.close()
+
+
+def test_model_section_takes_loras_freeu_clip_skip_and_the_reference_preset(server, browser, tmp_path):
+    import torch
+    from lora_files import animatediff_motion_lora_layout, kohya_layout, random_lora, random_motion_lora
+    from safetensors.torch import save_file
+
+    from magicme.models import ModelSpec, load_pipeline
+
+    pipe = load_pipeline(ModelSpec(), device="cpu")
+    style, zoom = tmp_path / "ghibli style.safetensors", tmp_path / "v2_lora_ZoomIn.ckpt"
+    save_file(kohya_layout(random_lora(pipe.unet, pipe.text_encoder)), str(style))
+    torch.save(animatediff_motion_lora_layout(random_motion_lora(pipe.unet)), zoom)
+    page = open_page(browser, server[0])
+    ws = workspace(server, page)
+    page.get_by_role("button", name="Model ▼").click()
+    page.locator("#loras_files input[type=file]").set_input_files(str(zoom))  # a motion LoRA in the LoRA box
+    page.locator("#model_status").get_by_text("is an AnimateDiff motion LoRA").wait_for()
+    assert page.locator("#model_status .mm-error").is_visible() and ws.loras() == []
+    shot(page, "ui_model_wrong_lora.png")
+    page.locator("#loras_files input[type=file]").set_input_files(str(style))
+    page.locator("#model_status").get_by_text("Added ghibli-style-").wait_for()
+    (name,) = ws.loras()
+    assert page.locator("#loras textarea").input_value() == f"{name}:1.0"
+    page.locator("#loras textarea").fill(f"{name}:0.7")
+    page.locator("#motion_loras_files input[type=file]").set_input_files(str(zoom))
+    page.wait_for_function("() => document.querySelector('#motion_loras textarea').value.endsWith(':1.0')")
+    page.locator("#freeu textarea").fill("on")
+    page.locator("#clip_skip input").fill("1")
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="reference").click()
+    page.get_by_role("tab", name="2 · Generate").click()
+    page.locator("#prompt textarea").fill("a watercolour dog")
+    page.locator("#frames input").fill("2")
+    page.locator("#steps textarea").fill("2")
+    page.locator("#generate").click()
+    page.locator("#gen_status").get_by_text("Done: 1 clip(s)").wait_for()
+    models = ws.video_settings(ws.videos()[0])["models"]
+    assert (models["preset"], models["scheduler"], models["clip_skip"]) == ("reference", "dpmpp-2m-karras", 1)
+    assert models["freeu"] == {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}
+    assert [e["scale"] for e in models["loras"]] == [0.7] and [e["scale"] for e in models["motion_loras"]] == [1.0]
+    page.evaluate("window.scrollTo(0, 0)")
+    shot(page, "ui_model_options.png")
+    assert page.external == []
+    page.context.close()

@@ -178,16 +178,16 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         c["tiny_warning"] = gr.Markdown(TINY_WARNING, elem_id="tiny_warning", elem_classes=["mm-warning"])
         with gr.Accordion("Model", open=False):
             gr.Markdown("For real videos give an SD-1.5-family base model (hub id, folder or .safetensors on the server) "
-                        "and, if not inside its folder, a motion adapter.")
+                        "and, if not inside its folder, a motion adapter. Speed presets: *fast* is AnimateDiff-Lightning "
+                        "(4 steps), *lcm* AnimateLCM, *reference* the Magic-Me code's own recipe (DPM++ 2M Karras, 20 steps, "
+                        "CFG 8, FreeU); the scheduler applies to *full*.")
             with gr.Row():
                 c["base"] = gr.Textbox("tiny", label="Base model", elem_id="base")
                 c["motion_adapter"] = gr.Textbox("", label="Motion adapter", elem_id="motion_adapter",
                                                  placeholder="default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2")
                 c["base_config"] = gr.Textbox("", label="Base config (single-file base only)")
                 c["scheduler"] = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler (full preset)")
-                c["preset"] = gr.Dropdown(list(PRESETS), value="full", label="Speed preset", elem_id="preset",
-                                          info="fast: AnimateDiff-Lightning 4 steps; lcm: AnimateLCM; reference: the "
-                                               "Magic-Me code's recipe (DPM++ 2M Karras, 20 steps, CFG 8, FreeU)")
+                c["preset"] = gr.Dropdown(list(PRESETS), value="full", label="Speed preset", elem_id="preset")
             with gr.Row():
                 for key, label, what in (("loras", "LoRAs", "style/character LoRAs (kohya/A1111 or diffusers)"),
                                          ("motion_loras", "Motion LoRAs", "AnimateDiff motion LoRAs (v2_lora_ZoomIn.ckpt …)")):
@@ -197,7 +197,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                                                  "the number after the colon is the scale (default 1)")
                         c[f"{key}_files"] = gr.File(label=f"Upload {label.lower().replace('lora', 'LoRA')} (.safetensors, .ckpt)",
                                                     file_count="multiple", file_types=[".safetensors", ".ckpt", ".pt", ".pth"],
-                                                    elem_id=f"{key}_files", height=110)
+                                                    elem_id=f"{key}_files", height=150)
                 with gr.Column():
                     c["freeu"] = gr.Textbox("", label="FreeU", elem_id="freeu", placeholder="blank: the preset's",
                                             info="on: SD-1.5's 1.5, 1.6, 0.9, 0.2; or b1, b2, s1, s2; blank: the preset's "

@@ -184,6 +184,7 @@ def check_server_args(host: str, port: int) -> None:
 def launch(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, block: bool = True, quiet: bool = False,
            auth: list[tuple[str, str]] | None = None, allow_hosts: list[str] | tuple[str, ...] = ()):
     """Serve `app` (from `ui.build_app`) on host:port behind `HostGuard`, with nothing reaching the network."""
+    import gradio as gr
     from gradio.utils import get_upload_folder
     from starlette.middleware import Middleware
 
@@ -196,7 +197,7 @@ def launch(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, block: boo
         share=False,
         prevent_thread_lock=not block,
         allowed_paths=[str(app.magicme_files)],  # lets Gradio copy the UI's outputs into its cache; HostGuard serves only that cache
-        max_file_size=app.magicme_limits.max_bytes,
+        max_file_size=max(app.magicme_limits.max_bytes, app.magicme_limits.max_lora_bytes),  # LoRAs are large; photos are checked for size first
         ssr_mode=False,
         quiet=quiet,
         footer_links=[],
@@ -208,6 +209,8 @@ def launch(app, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, block: boo
         mcp_server=False,
         pwa=False,
         css=CSS,
+        # the default theme's Source Sans comes from Google Fonts (offline here: only a stub subset ships), so system fonts
+        theme=gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
     )
 
 

@@ -515,7 +515,9 @@ class Workspace:
             read_lora(str(path), motion)  # the kind the field asks for, read without running any pickle
             state = tensors(read_weights(path, what))
         except (ValueError, FileNotFoundError) as e:
-            raise ValueError(str(e).replace(repr(str(path)), repr(shown))) from None
+            text = str(e).replace(repr(str(path)), repr(shown))
+            raise ValueError(text.replace("pass it with --motion-lora", "upload it under Motion LoRAs")
+                             .replace("pass it with --lora", "upload it under LoRAs")) from None
         name = f"{_slug(Path(shown).stem, 32, empty='lora')}-{secrets.token_hex(3)}.safetensors"
         write_safetensors(self.root / LORAS / name, state, {"kind": "motion_lora" if motion else "lora"})
         return name
