@@ -274,6 +274,18 @@ def test_model_section_loras_freeu_clip_skip_make_the_clip_the_cli_makes_and_reu
     assert np.array_equal(read_video(ws.video_path(again["new_video"])), read_video(ref))
 
 
+def test_training_takes_the_loras_and_says_it_leaves_out_the_sampling_options(ws, lora_uploads, tmp_path):
+    name = h.on_upload(ws, [photo(tmp_path / f"t{i}.png", shift=4 * i) for i in range(2)], "dog")["ref_set"]
+    last(h.on_prepare(ws, name, "grabcut"))
+    lora = h.on_upload_loras(ws, [str(lora_uploads / "My Style (v2).safetensors")], "")["loras"]
+    outs = list(h.on_train(ws, ("tiny", "", "", "ddim", "full", lora, "", "on", 1), name, "<lt>", 1, 1e-3, 1, True, 0))
+    assert outs[0]["train_status"] == "Starting… (training leaves out FreeU, clip skip: they apply when generating)"
+    from magicme.video import read_sidecar
+
+    models = read_sidecar(ws.identity_path(last(outs)["trained"]))["models"]
+    assert [e["scale"] for e in models["loras"]] == [1.0] and "freeu" not in models and "clip_skip" not in models
+
+
 def test_reference_preset_records_its_recipe_and_reuse_leaves_its_freeu_blank(ws):
     page = last(h.on_generate(ws, ("tiny", "", "", "ddim", "reference"), "a dog", "", [], 0.15, 2, None, None, 1, "0"))
     models = page["gen_settings"]["models"]

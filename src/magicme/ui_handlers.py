@@ -104,6 +104,11 @@ def model_spec(base: str, motion_adapter: str = "", base_config: str = "", sched
     )
 
 
+def training_spec(spec):
+    """What `magicme train` takes of the model fields: the image LoRAs stay (the identity is tuned to them), not the sampling options."""
+    return dataclasses.replace(spec, motion_loras=(), freeu=None, clip_skip=0)
+
+
 def lora_entries(ws: Workspace | None, text: str | None, motion: bool) -> tuple[str, ...]:
     """'NAME[:SCALE]' lines → the `ModelSpec` entries 'PATH:SCALE'.
 
@@ -421,6 +426,7 @@ def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_
     if not name:
         raise ValueError("Reference set: save or pick a set of photos first")
     check_model_boxes(model)
+    full = model_spec(*model, ws=ws)
     cfg = TrainConfig(
         data="",
         token=(token or "").strip(),
@@ -430,7 +436,7 @@ def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_
         masked=bool(masked),
         seed=_int(seed, "Seed"),
         checkpoint_every=_int(preview_every, "Preview every", optional=True) or 0,
-        models=model_spec(*model, ws=ws),
+        models=training_spec(full),
     )
     job = job or ws.new_job("train")
     losses: list[tuple[int, float]] = []
@@ -441,7 +447,10 @@ def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_
         return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "loss": pd.Series(values, dtype="float64")})
 
     progress = Progress()
-    yield {"train_status": "Starting…", "loss": curve(), "checkpoints": [], "job": job.id}
+    left_out = [what for what, on in (("motion LoRAs", full.motion_loras), ("FreeU", full.freeu is not None),
+                                      ("clip skip", full.clip_skip)) if on]
+    note = f" (training leaves out {', '.join(left_out)}: they apply when generating)" if left_out else ""
+    yield {"train_status": "Starting…" + note, "loss": curve(), "checkpoints": [], "job": job.id}
     try:
         for kind, value in stream(lambda report: ws.train(name, cfg, report, job)):
             if kind == "done":
