@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-word", default=None, help="default: the prepared set's")
     p.add_argument("--num-vectors", type=int, default=4)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (§5.2); a Wan LoRA: 1e-4")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.001 (§5.2); a Wan LoRA: 1e-4")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=None, help="accumulate gradients over micro-batches of this size (default: whole batch, halved on out-of-memory)")
     p.add_argument("--no-mask", action="store_true", help="loss on the whole image (the paper's ablation)")
