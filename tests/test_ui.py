@@ -302,7 +302,7 @@ def test_lora_boxes_name_no_server_path_they_cannot_use(ws, tmp_path):
     for entry in ("/no/such/lora.safetensors", str(not_lora), "notes.safetensors", str(tmp_path)):
         out = run(h.on_generate, "gen_status", ws, (*TINY_MODEL, entry + ":0.8"), "a dog", "", [], 0.15, 2, None, None, 1)[-1]
         messages.add(out["gen_status"].replace(repr(entry), "X"))
-    assert messages == {f"Error: LoRAs: X is not a usable lora ({h.LORA_HINT}, by its full path)"}
+    assert messages == {f"Error: LoRAs: X is not a usable LoRA ({h.LORA_HINT}, by its full path)"}
     bad = run(h.on_generate, "gen_status", ws, (*TINY_MODEL, "", "", "1, 2"), "a dog", "", [], 0.15, 2, None, None, 1)[-1]
     assert bad["gen_status"].startswith("Error: FreeU takes four numbers") and "--" not in bad["gen_status"]
     junk = tmp_path / "junk.safetensors"

@@ -92,6 +92,15 @@ def shot(page, name):
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
+def generate_clip(page, prompt, frames, steps):
+    """Fill the Generate tab's prompt, frames and steps and start the job."""
+    page.get_by_role("tab", name="2 · Generate").click()
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#frames input").fill(str(frames))
+    page.locator("#steps textarea").fill(str(steps))
+    page.locator("#generate").click()
+
+
 def test_page_renders_offline_with_the_tiny_warning_in_sight(page):
     assert page.title() == "magicme"
     warning = page.locator("#tiny_warning")
@@ -282,11 +291,7 @@ def test_a_second_browser_has_its_own_workspace_and_waits_in_the_queue(page, ser
     page.locator("#steps textarea").fill("999")  # minutes of work: only Cancel ends it in time
     page.locator("#generate").click()
     page.locator("#gen_status").get_by_text("Denoising: step").wait_for()
-    other.get_by_role("tab", name="2 · Generate").click()
-    other.locator("#prompt textarea").fill("a cat")
-    other.locator("#frames input").fill("2")
-    other.locator("#steps textarea").fill("1")
-    other.locator("#generate").click()
+    generate_clip(other, "a cat", frames=2, steps=1)
     other.locator("#gen_status").get_by_text("Waiting for 1 job ahead of this one").wait_for()
     shot(other, "ui_queued.png")
     other.locator("#cancel_generate").click()  # cancels its own job only
@@ -375,11 +380,7 @@ def test_model_section_takes_loras_freeu_clip_skip_and_the_reference_preset(serv
     page.locator("#clip_skip input").fill("1")
     page.locator("#preset input").click()
     page.get_by_role("option", name="reference").click()
-    page.get_by_role("tab", name="2 · Generate").click()
-    page.locator("#prompt textarea").fill("a watercolour dog")
-    page.locator("#frames input").fill("2")
-    page.locator("#steps textarea").fill("2")
-    page.locator("#generate").click()
+    generate_clip(page, "a watercolour dog", frames=2, steps=2)
     page.locator("#gen_status").get_by_text("Done: 1 clip(s)").wait_for()
     models = ws.video_settings(ws.videos()[0])["models"]
     assert (models["preset"], models["scheduler"], models["clip_skip"]) == ("reference", "dpmpp-2m-karras", 1)

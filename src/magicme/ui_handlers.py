@@ -138,7 +138,7 @@ def lora_entries(ws: Workspace | None, text: str | None, motion: bool) -> tuple[
             except (ValueError, OSError):
                 usable = False
             if not usable:
-                raise ValueError(f"{label}: {name!r} is not a usable {label[:-1].lower()} ({LORA_HINT}, by its full path)")
+                raise ValueError(f"{label}: {name!r} is not a usable {label[:-1].replace('Motion', 'motion')} ({LORA_HINT}, by its full path)")
         out.append(f"{path}:{scale!r}")
     return tuple(out)
 
