@@ -29,6 +29,7 @@ from .v2v import (
     partial_denoise_windows,
     read_input_video,
     resize_frames,
+    size_multiple,
     stage_record,
     video_pipeline,
 )
@@ -249,9 +250,9 @@ class FaceConfig:
                 raise FileNotFoundError(f"--detector {self.detector!r} does not exist")
             if Path(self.detector).suffix.lower() != ".onnx":
                 raise ValueError(f"--detector must be OpenCV's YuNet .onnx model file, got {self.detector!r}")
-        size = self.size()
-        if not isinstance(size, int) or size < 8 or size % 8:
-            raise ValueError(f"--face-size must be a positive multiple of 8, got {size!r}")
+        size, multiple = self.size(), size_multiple(self.models)  # Wan: 16
+        if not isinstance(size, int) or size < multiple or size % multiple:
+            raise ValueError(f"--face-size must be a positive multiple of {multiple}, got {size!r}")
         if not self.margin >= 0:
             raise ValueError(f"--margin must be >= 0, got {self.margin!r}")
         if not 0 < self.feather <= 0.5:
