@@ -5,7 +5,8 @@ user names real weights. Three ways to answer the same generate request, alterna
 
 - stock: `AnimateDiffPipeline.from_pretrained` + one call, per request (what a naive app does);
 - generate: `magicme.generate.generate` without `pipe=`, per request (the CLI's path);
-- ui: `Workspace.generate`, which loads the pipeline once per `ModelSpec` and reuses it.
+- ui: `Workspace.generate`, which loads the pipeline once per `ModelSpec` and reuses it;
+- ui_preview: the same with the live preview (VAE decode of 4 frames) every other step.
 
     python benchmarks/ui_requests.py [--requests 4] [--frames 8] [--size 128] [--steps 4]
 """
@@ -57,9 +58,12 @@ def main() -> None:
         def ui():
             ws.generate(cfg)
 
-        times = {"stock": [], "generate": [], "ui": []}
+        def ui_preview():
+            ws.generate(cfg, preview_every=2)
+
+        times = {"stock": [], "generate": [], "ui": [], "ui_preview": []}
         for _ in range(args.requests):
-            for name, fn in (("stock", stock), ("generate", cli), ("ui", ui)):
+            for name, fn in (("stock", stock), ("generate", cli), ("ui", ui), ("ui_preview", ui_preview)):
                 times[name].append(timed(fn, device))
     # the UI's first request loads the model like the others; the rest reuse it
     rows = [
@@ -70,6 +74,8 @@ def main() -> None:
             "ui_first_s": round(times["ui"][0], 3),
             "ui_s_per_request": round(statistics.median(times["ui"][1:]), 3),
             "speedup_vs_stock": round(statistics.median(times["stock"]) / statistics.median(times["ui"][1:]), 2),
+            "ui_preview_s_per_request": round(statistics.median(times["ui_preview"]), 3),
+            "previews": args.steps // 2 - (args.steps % 2 == 0),  # every other step, not the last
         }
     ]
     print_table(rows)

@@ -188,3 +188,14 @@ def test_long_prompt_keeps_the_identity_or_is_refused(tmp_path, caplog):
     with pytest.raises(ValueError, match="identity token '<v\\*>.*would be cut off"):
         check_prompt_length(pipe, f"{filler} a <v*> man")
     check_prompt_length(pipe, "a <v*> man")
+
+
+def test_write_safetensors_matches_safetensors_own_reader_with_scalars(tmp_path):
+    """kohya LoRAs carry 0-dim `alpha` tensors; the writer must store them as safetensors does."""
+    from safetensors.torch import load_file
+
+    from magicme.weights import write_safetensors
+
+    named = {"a.alpha": torch.tensor(2.0), "a.lora_down.weight": torch.randn(2, 3), "b": torch.arange(4, dtype=torch.int64)}
+    loaded = load_file(str(write_safetensors(tmp_path / "x.safetensors", named)))
+    assert loaded.keys() == named.keys() and all(torch.equal(loaded[k], v) for k, v in named.items())

@@ -1,7 +1,5 @@
 """The web UI's handlers, headless on the tiny preset (the browser test drives the same app end to end)."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -11,17 +9,36 @@ from magicme.generate import GenerateConfig, generate
 from magicme.identity import IdentityInfo, save_identity
 from magicme.models import ModelSpec
 from magicme.video import read_video
-from magicme.workspace import Cancelled, UploadLimits, Workspace, check_images, stream
+from magicme.workspace import Workspace
 
 pytest.importorskip("gradio")
-from magicme import ui  # noqa: E402
+from magicme import ui, ui_handlers as h  # noqa: E402
 
 TINY_MODEL = ("tiny", "", "", "ddim", "full")
 
 
-def photo(path, fmt="PNG", size=(40, 30), color=(200, 30, 30)):
-    Image.new("RGB", size, color).save(path, format=fmt)
+def last(outputs) -> dict:
+    """Every output of a handler run merged, the later winning: what the page shows at the end."""
+    page: dict = {}
+    for out in outputs:
+        page.update(out)
+    return page
+
+
+def run(handler, status, ws, *args, **kwargs) -> list[dict]:
+    return list(h.guarded(handler, status, ws)(ws, *args, **kwargs))
+
+
+def photo(path, size=(96, 96), shift=0):
+    im = Image.new("RGB", size, (40, 90, 40))
+    im.paste((230, 200, 60), (28 + shift, 24, 70 + shift, 76))  # the subject: a bright square on grass
+    im.save(path)
     return str(path)
+
+
+def identity_file(path, token="<v*>", seed=0):
+    emb = torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))
+    return save_identity(path, emb, IdentityInfo(token=token, class_word="dog", num_vectors=2, base="tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -29,335 +46,372 @@ def ws(tmp_path_factory):
     return Workspace(tmp_path_factory.mktemp("uiwork"), device="cpu")
 
 
-def identity_file(path, token="<v*>", seed=0, class_word="dog"):
-    emb = torch.randn(2, 32, generator=torch.Generator().manual_seed(seed))
-    return save_identity(path, emb, IdentityInfo(token=token, class_word=class_word, num_vectors=2, base="tiny"))
+# ---- messages
 
 
-# ---- uploads
+def test_messages_use_the_forms_words_and_show_tokens_whole():
+    assert h.ui_terms("--prompt 'a dog' does not contain the identity token '<v*>'") == "Prompt 'a dog' does not contain the identity token '<v*>'"
+    assert h.ui_terms("--gamma: gamma must be in [0, 1)") == "γ: gamma must be in [0, 1)"
+    assert h.ui_terms("--clip-model 'x' could not be loaded") == "CLIP model 'x' could not be loaded"
+    assert h.ui_terms("--new-flag is bad; a-b --c") == "New flag is bad; a-b C"
+    shown = ui.status_html(h.Problem("Error: Prompt 'a dog' lacks '<v*>'; write 'a <v*> dog' & more"))
+    assert shown == ('<div class="mm-error">Error: Prompt &#x27;a dog&#x27; lacks &#x27;&lt;v*&gt;&#x27;; '
+                     'write &#x27;a &lt;v*&gt; dog&#x27; &amp; more</div>')
+    assert ui.status_html("Done: identity x (token <v*>)").startswith('<div class="mm-status">Done: identity x (token &lt;v*&gt;)')
 
 
-def test_upload_stores_reencoded_png_under_generated_names(ws, tmp_path):
-    src = [photo(tmp_path / "evil name.jpg", "JPEG"), photo(tmp_path / "b.webp", "WEBP", size=(16, 24))]
-    name, images, status = ui.on_upload(ws, src, " dog ")
-    assert name in ws.reference_sets() and "2 photo(s) of a dog" in status
-    folder = ws.root / "references" / name / "images"
-    assert sorted(p.name for p in folder.iterdir()) == ["000.png", "001.png"]
-    assert [Image.open(p).format for p in images] == ["PNG", "PNG"]
-    assert Image.open(images[1]).size == (16, 24)
-    assert ui.on_pick_set(ws, name) == (images, "dog")
+def test_a_failure_is_one_line_in_the_status_without_server_folders(ws):
+    def boom(ws):
+        raise FileNotFoundError(f"--identity '{ws.root}/identities/x.safetensors' does not exist")
+        yield
+
+    out = list(h.guarded(boom, "gen_status", ws)(ws))
+    assert out == [{"gen_status": "Error: Identity 'identities/x.safetensors' does not exist"}]
+    assert isinstance(out[0]["gen_status"], h.Problem)
+
+    def bug(ws):
+        raise RuntimeError("a library broke\nover two lines")
+
+    (out,) = h.guarded(bug, "eval_status", ws)(ws)
+    assert out["eval_status"] == "Error: unexpected RuntimeError: a library broke over two lines (the server's console has the details)"
 
 
-def test_upload_type_is_checked_by_content_not_name(tmp_path):
-    fake = tmp_path / "photo.png"
-    fake.write_bytes(b"#!/bin/sh\necho not an image\n")
-    with pytest.raises(ValueError, match="photo 1: not a readable image"):
-        check_images([str(fake)])
-    gif_named_png = tmp_path / "x.png"
-    Image.new("RGB", (8, 8)).save(gif_named_png, format="GIF")
-    with pytest.raises(ValueError, match="photo 1: GIF content"):
-        check_images([str(gif_named_png)])
-    truncated = tmp_path / "t.png"
-    photo(truncated, size=(64, 64))
-    truncated.write_bytes(truncated.read_bytes()[:60])
-    with pytest.raises(ValueError, match="photo 1"):
-        check_images([str(truncated)])
+def test_progress_line_counts_steps_and_time_left(monkeypatch):
+    clock = iter([100.0, 102.0, 104.0, 200.0])
+    monkeypatch.setattr(h.time, "monotonic", lambda: next(clock))
+    progress = h.Progress()
+    assert progress.line("Denoising", 1, 5, key=1) == "Denoising: step 1/5"  # no pace yet
+    assert progress.line("Denoising", 2, 5, key=1) == "Denoising: step 2/5 · 6 s left"  # 2 s a step, 3 to go
+    assert progress.line("Denoising", 3, 5, key=1) == "Denoising: step 3/5 · 4 s left"
+    assert progress.line("Denoising", 1, 5, key=2) == "Denoising: step 1/5"  # the next clip starts its own pace
 
 
-@pytest.mark.parametrize(
-    "limits, count, size, needle",
-    [
-        (UploadLimits(max_files=2), 3, (8, 8), "3 files uploaded, at most 2"),
-        (UploadLimits(max_bytes=100), 1, (64, 64), "over the"),
-        (UploadLimits(max_pixels=1000), 1, (40, 30), "pixel limit"),
-        (UploadLimits(), 0, (8, 8), "at least one photo"),
-    ],
-)
-def test_upload_limits(tmp_path, limits, count, size, needle):
-    files = [photo(tmp_path / f"{i}.png", size=size, color=(i * 60 % 255, 90, 160)) for i in range(count)]
-    with pytest.raises(ValueError, match=needle):
-        check_images(files, limits)
+@pytest.mark.parametrize("seeds, expected", [("3", [3]), ("0, 1, 2", [0, 1, 2]), ("4 5", [4, 5]), ("0-3", [0, 1, 2, 3]), (7, [7])])
+def test_seeds(seeds, expected):
+    assert h.parse_seeds(seeds) == expected
 
 
-def test_rejected_upload_leaves_nothing(tmp_path):
-    ws = Workspace(tmp_path / "w")
-    bad = tmp_path / "bad.jpg"
-    bad.write_text("nope")
-    with pytest.raises(ValueError):
-        ws.save_references([photo(tmp_path / "ok.png"), str(bad)], "dog")
-    with pytest.raises(ValueError, match="class word"):
-        ws.save_references([photo(tmp_path / "ok.png")], "../../etc")
-    assert list((ws.root / "references").iterdir()) == []
+@pytest.mark.parametrize("seeds", ["", "abc", "1.5", "3-1", "-1", "0-99", ", ".join(map(str, range(17))), str(2**63)])
+def test_bad_seeds_say_so(seeds):
+    with pytest.raises(ValueError, match="Seeds"):
+        h.parse_seeds(seeds)
+    assert 0 <= h.random_seed() < 2**32
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "..", "a/b.mp4", "", "x.mp4.json", None])
-def test_client_names_never_become_paths(ws, name):
-    with pytest.raises((ValueError, FileNotFoundError)):
-        ws.video_path(name)
-    with pytest.raises((ValueError, FileNotFoundError)):
-        ws.identity_path(name)
+def test_model_boxes_say_only_not_a_usable_model_whatever_the_path_holds(tmp_path, tiny_model_dir):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    (tmp_path / "fake.safetensors").write_bytes(b"\x00" * 32)
+    messages = set()
+    for value in (str(tmp_path / "missing"), str(tmp_path / "notes"), str(tmp_path / "notes" / "a.txt"),
+                  str(tmp_path / "fake.safetensors"), str(tmp_path / "missing.safetensors"), "/etc", "~/.ssh", "../..", "a b"):
+        with pytest.raises(ValueError) as e:
+            h.check_model_box("Base model", value)
+        messages.add(str(e.value))
+    assert len(messages) == 1 and messages.pop().startswith("Base model: not a usable model (")
+    for value in ("", "tiny", "owner/model-on-the-hub", str(tiny_model_dir), str(tiny_model_dir / "motion_adapter")):
+        h.check_model_box("Base model", value)
 
 
-def test_identity_import_checks_contents(ws, tmp_path):
-    good = identity_file(tmp_path / "mine.safetensors", token="<imp>")
-    name, status = ui.on_import_identity(ws, str(good))
-    assert name.startswith("dog-") and name != "mine.safetensors" and name in status
-    assert (name in dict((n, l) for l, n in ws.identities()))
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"\x00" * 64)
-    before = sorted(p.name for p in (ws.root / "identities").iterdir())
-    with pytest.raises(ValueError, match="not a magicme identity"):
-        ws.import_identity(str(junk))
-    assert sorted(p.name for p in (ws.root / "identities").iterdir()) == before
+# ---- photos, masks, training
 
 
-# ---- masks and training
+def test_upload_skips_an_unreadable_photo_by_name(ws, tmp_path):
+    bad = tmp_path / "IMG_7.jpg"
+    bad.write_text("not a photo")
+    out = h.on_upload(ws, [photo(tmp_path / "a.png"), str(bad), photo(tmp_path / "b.png", shift=4)], " dog ")
+    name = out["ref_set"]
+    assert out["upload_status"] == (f"Stored 2 photo(s) of a dog as {name}. "
+                                    "Skipped 1: IMG_7.jpg: not a readable image (UnidentifiedImageError).")
+    assert [caption for _, caption in out["photos"]] == ["a.png", "b.png"]
+    assert out["prepare_status"] == "No masks yet: make them (or upload your own), then train."
+    assert h.on_pick_set(ws, name)["class_word"] == "dog"
+    (failed,) = run(h.on_upload, "upload_status", ws, [str(bad)], "dog")
+    assert failed["upload_status"].startswith("Error: photos: none of the 1 file(s) is a usable photo (IMG_7.jpg: not a readable image")
 
 
-def test_prepare_then_train_an_identity_with_a_live_loss_curve(ws, tmp_path):
-    files = []
-    for i in range(3):
-        im = Image.new("RGB", (96, 96), (40, 90, 40))
-        im.paste((230, 200, 60), (28 + 4 * i, 24, 70 + 4 * i, 76))  # the subject: a bright square on grass
-        files.append(str(tmp_path / f"s{i}.png"))
-        im.save(files[-1])
-    name, _, _ = ui.on_upload(ws, files, "dog")
-    assert ui.masks_view(ws, name) == ("Not prepared yet: make the masks.", None, [])
-    with pytest.raises(ValueError, match="not prepared"):
-        list(ui.on_train(ws, TINY_MODEL, name, "<tr>", 3, 1e-3, 2, True, 0))
-    status, sheet, masks = ui.on_prepare(ws, name, "grabcut")
-    assert "3 photo(s)" in status and Image.open(sheet).size[0] > 0 and len(masks) == 3
-    mask = np.asarray(Image.open(masks[0][0])) > 127
+def test_masks_paint_train_with_previews_and_cancel(ws, tmp_path):
+    name = h.on_upload(ws, [photo(tmp_path / f"s{i}.png", shift=4 * i) for i in range(3)], "dog")["ref_set"]
+    failed = run(h.on_train, "train_status", ws, TINY_MODEL, name, "<tr>", 2, 1e-3, 2, True, 0)[-1]
+    assert failed["train_status"] == f"Error: reference set {name!r} has no masks yet: make them first"
+    page = last(h.on_prepare(ws, name, "grabcut"))
+    assert page["prepare_status"].startswith("Masks of 3 photo(s) by grabcut") and len(page["masks"]) == 3
+    mask = np.asarray(Image.open(page["masks"][0][0])) > 127
     assert 0.05 < mask.mean() < 0.9  # a subject, not the whole frame or nothing
-    seen = []
-    outs = list(ui.on_train(ws, TINY_MODEL, name, "<tr>", 3, 1e-3, 2, True, 0, progress=lambda i, n: seen.append((i, n))))
-    status, curve, ident = outs[-1]
-    assert seen == [(1, 3), (2, 3), (3, 3)] and list(curve["step"]) == [1, 2, 3]
-    assert str(outs[0][1]["loss"].dtype) == "float64"  # typed while empty, so the plot's axes are numeric
-    assert np.isfinite(curve["loss"]).all() and ident and status.startswith("Done")
-    info = dict((n, l) for l, n in ws.identities())[ident]
-    assert info.startswith("<tr> (dog)")
-    # the trained identity generates at once, through the same cached pipeline
-    *_, (_, video, settings) = ui.on_generate(ws, TINY_MODEL, "a <tr> dog", "", [ident], 0.15, 2, 1, 0, 7.5, 8)
-    assert settings["models"]["identities"][0]["token"] == "<tr>"
-    # cancelling training writes no identity
+    # paint: the editor opens the photo with the subject tinted red; red strokes add to the mask, blue ones remove
+    opened = h.on_pick_mask(ws, name, 1)
+    image, mask = ws.mask(name, 1)
+    assert opened["mask_index"] == 1 and opened["paint"] and opened["mask_editor"]["layers"] == []
+    assert np.array_equal(opened["mask_editor"]["background"], h.mask_overlay(image, mask))
+    stroke = np.zeros((*mask.shape, 4), np.uint8)
+    stroke[:100, :200] = (*h.SUBJECT_RGB, 255)
+    erase = np.zeros_like(stroke)
+    erase[mask.shape[0] // 2:] = (*h.NOT_SUBJECT_RGB, 200)
+    (failed,) = run(h.on_save_mask, "mask_status", ws, name, 1, {"background": None, "layers": [], "composite": None})
+    assert failed["mask_status"].startswith("Error: Masks: nothing painted yet")
+    saved = h.on_save_mask(ws, name, 1, {"background": None, "layers": [stroke, erase], "composite": None})
+    assert saved["mask_status"] == "Saved mask 2; training uses it." and "1 painted by you" in saved["prepare_status"]
+    assert saved["masks"][1][1].startswith("2: user")
+    expected = mask.copy()
+    expected[:100, :200] = True
+    expected[mask.shape[0] // 2:] = False
+    assert np.array_equal(ws.mask(name, 1)[1], expected)
+    # train: loss curve live, one checkpoint preview, the identity at the end
+    outs = run(h.on_train, "train_status", ws, TINY_MODEL, name, "<tr>", 2, 1e-3, 2, True, 0, 2)
+    page = last(outs)
+    assert [o["train_status"][:19] for o in outs if "loss" in o and o.get("train_status", "").startswith("Training")] == [
+        "Training: step 1/2 ", "Training: step 2/2 "]
+    assert str(outs[0]["loss"]["loss"].dtype) == "float64"  # typed while empty, so the plot's axes are numeric
+    assert list(page["loss"]["step"]) == [1, 2] and np.isfinite(page["loss"]["loss"]).all()
+    (preview, caption), = page["checkpoints"]
+    assert caption == "step 2" and Image.open(preview).size[1] > 0
+    ident = page["trained"]
+    assert page["train_status"] == f"Done: identity {ident} (token <tr>). Use it in Generate."
+    assert dict((n, label) for label, n in ws.identities())[ident].startswith("<tr> (dog)")
+    # cancelling by the job's id writes no identity
     before = ws.identities()
-    out = list(ui.on_train(ws, TINY_MODEL, name, "<tc>", 50, 1e-3, 2, True, 0, progress=lambda i, n: i == 2 and ws.cancel()))
-    assert out[-1][0] == "Cancelled; no identity was written." and ws.identities() == before
+    gen = h.on_train(ws, TINY_MODEL, name, "<tc>", 50, 1e-3, 2, True, 0)
+    first = next(gen)
+    for out in gen:
+        if out.get("train_status", "").startswith("Training: step 1/"):
+            assert ws.cancel(first["job"]) == 1
+    assert out["train_status"] == "Cancelled; no identity was written." and ws.identities() == before
 
 
-# ---- generate, progress, cancel, model cache
+# ---- generate
 
 
-def test_generate_handler_matches_cli_generate_and_records_settings(ws, tmp_path):
-    seen = []
-    outs = list(ui.on_generate(ws, TINY_MODEL, "a dog running", "", [], 0.3, 3, 2, 7, 7.5, 8, progress=lambda i, n: seen.append((i, n))))
-    status, video, settings = outs[-1]
-    assert status.startswith("Done") and seen == [(1, 2), (2, 2)]
-    assert [o[0] for o in outs[1:-1]] == ["Denoising: step 1/2", "Denoising: step 2/2"]
-    name = settings["output"]
-    assert ws.videos()[0] == name and video == str(ws.video_path(name))
-    assert (settings["gamma"], settings["seed"], settings["frames"], settings["steps"], settings["prompt"]) == (0.3, 7, 3, 2, "a dog running")
-    assert ui.on_pick_video(ws, name) == (video, settings, None)
-    assert any(n == name and lbl.startswith("a dog running") for lbl, n in ui.video_choices(ws))
+def test_generate_matches_cli_generate_per_seed_with_previews_and_named_clips(ws, tmp_path):
+    outs = list(h.on_generate(ws, TINY_MODEL, "a dog running", "", [], 0.3, 3, None, None, 4, "7, 8", 7.5, 8, preview_every=2))
+    page = last(outs)
+    names = page["gen_clip_names"]
+    assert page["gen_status"] == f"Done: 2 clip(s): {names[0]}, {names[1]}"
+    assert [n[:19] for n in names] == ["a-dog-running-s7-20", "a-dog-running-s8-20"]
+    assert [o["gen_status"].split(" ·")[0] for o in outs if o.get("gen_status", "").startswith("Denoising")] == [
+        f"Denoising clip {c}/2: step {s}/4" for c in (1, 2) for s in (1, 2, 3, 4)]
+    previews = [o["preview"] for o in outs if o.get("preview") is not None]
+    assert len(previews) == 2 and previews[0].shape == (64, 3 * 64, 3)  # steps 2 of each clip; 4 is the clip itself
+    assert [caption for _, caption in page["gen_clips"]][0].startswith("a dog running · seed 7 · ")
+    assert ws.videos()[:2] == names[::-1] and page["new_video"] == names[1]
+    settings = ws.video_settings(names[0])
+    assert (settings["gamma"], settings["seed"], settings["frames"], settings["steps"], settings["prompt"]) == (0.3, 7, 3, 4, "a dog running")
     # the UI's clip is the library's: same frames as `generate` with the same settings
-    cfg = GenerateConfig(prompts=["a dog running"], seeds=[7], frames=3, steps=2, gamma=0.3, models=ModelSpec())
-    ref = generate(cfg, tmp_path / "ref.mp4", pipe=ws.pipeline(ModelSpec()), quiet=True)[0]
-    assert np.array_equal(read_video(video), read_video(ref))
+    cfg = GenerateConfig(prompts=["a dog running"], seeds=[7], frames=3, steps=4, gamma=0.3, models=ModelSpec())
+    ref = generate(cfg, tmp_path / "ref.mp4", pipe=ws.runner.pipeline(ModelSpec()), quiet=True)[0]
+    assert np.array_equal(read_video(ws.video_path(names[0])), read_video(ref))
 
 
-def test_generate_with_identity_and_prompt_token_check(ws, tmp_path):
+def test_width_and_height_and_reuse_these_settings_remake_the_clip(ws, tiny_model_dir):
+    model = (str(tiny_model_dir), "", "", "euler", "full")
+    page = last(h.on_generate(ws, model, "a dog", "ugly", [], 0.2, 2, 48, 32, 2, "11", "", 8, prompt_travel="1: a cat"))
+    name = page["new_video"]
+    assert read_video(ws.video_path(name)).shape == (2, 32, 48, 3)
+    form = h.reuse_settings(ws, name)
+    assert {k: form[k] for k in ("base", "scheduler", "prompt", "negative_prompt", "gamma", "width", "height", "seeds",
+                                 "prompt_travel", "motion_adapter")} == {
+        "base": str(tiny_model_dir.resolve()), "scheduler": "euler", "prompt": "a dog", "negative_prompt": "ugly",
+        "gamma": 0.2, "width": "48", "height": "32", "seeds": "11", "prompt_travel": "1: a cat", "motion_adapter": ""}
+    again = last(h.on_generate(ws, tuple(form[k] for k in h.MODEL_FIELDS),
+                               **{k: form[k] for k in h.GENERATE_FIELDS if k in form}))
+    assert again["new_video"] != name
+    assert np.array_equal(read_video(ws.video_path(again["new_video"])), read_video(ws.video_path(name)))
+
+
+def test_generate_with_an_identity_checks_the_token_and_says_so_whole(ws, tmp_path):
     name = ws.import_identity(str(identity_file(tmp_path / "id.safetensors", token="<sks>", seed=3)))
-    with pytest.raises(ValueError, match="does not contain the identity token"):
-        list(ui.on_generate(ws, TINY_MODEL, "a dog", "", [name], 0.15, 2, 1, 0, 7.5, 8))
-    *_, (status, video, settings) = ui.on_generate(ws, TINY_MODEL, "a <sks> dog", "", [name], 0.15, 2, 1, 0, 7.5, 8)
-    assert settings["models"]["identities"][0]["token"] == "<sks>"
-    with pytest.raises(ValueError, match="not a name from this work directory"):
-        list(ui.on_generate(ws, TINY_MODEL, "a <sks> dog", "", ["../id.safetensors"], 0.15, 2, 1, 0, 7.5, 8))
+    outs = run(h.on_generate, "gen_status", ws, TINY_MODEL, "a dog", "", [name], 0.15, 2, None, None, 1)
+    assert outs[-1]["gen_status"] == "Error: Prompt 'a dog' does not contain the identity token '<sks>'; write it e.g. as 'a <sks> dog'"
+    assert "Loading" not in outs[-1]["gen_status"]
+    page = last(h.on_generate(ws, TINY_MODEL, "a <sks> dog", "", [name], 0.15, 2, None, None, 1))
+    assert page["gen_settings"]["models"]["identities"][0]["token"] == "<sks>"
+    out = run(h.on_generate, "gen_status", ws, TINY_MODEL, "a <sks> dog", "", ["../id.safetensors"], 0.15, 2)[-1]
+    assert out["gen_status"] == "Error: identity '../id.safetensors' is not a name from this workspace"
 
 
-def test_generate_long_clip_with_prompt_travel_and_preset_defaults(ws):
-    travel = "0: a dog walks\n\n12: a dog runs"
-    *_, (status, video, settings) = ui.on_generate(ws, TINY_MODEL, "", "", [], 0.15, 18, 1, 0, "", 8, travel, None, 2, "pyramid", None)
-    assert read_video(video).shape[0] == 18
-    assert settings["prompt_at"] == {"0": "a dog walks", "12": "a dog runs"}
-    assert settings["windows"]["length"] == 16 and settings["windows"]["stride"] == 2
-    assert settings["guidance"] == 7.5  # a blank field: the full preset's
+@pytest.fixture(scope="module")
+def lora_uploads(tmp_path_factory):
+    """A kohya LoRA and an AnimateDiff motion LoRA (pickled .ckpt) for the tiny preset, as a user uploads them."""
+    from lora_files import animatediff_motion_lora_layout, kohya_layout, random_lora, random_motion_lora
+    from safetensors.torch import save_file
+
+    from magicme.models import load_pipeline
+
+    pipe = load_pipeline(ModelSpec(), device="cpu")
+    root = tmp_path_factory.mktemp("lora-uploads")
+    save_file(kohya_layout(random_lora(pipe.unet, pipe.text_encoder)), str(root / "My Style (v2).safetensors"))
+    torch.save(animatediff_motion_lora_layout(random_motion_lora(pipe.unet)), root / "v2_lora_ZoomIn.ckpt")
+    return root
+
+
+def test_model_section_loras_freeu_clip_skip_make_the_clip_the_cli_makes_and_reuse_refills_them(ws, lora_uploads, tmp_path):
+    from magicme.models import load_pipeline
+
+    style, zoom = str(lora_uploads / "My Style (v2).safetensors"), str(lora_uploads / "v2_lora_ZoomIn.ckpt")
+    page = h.on_upload_loras(ws, [style, zoom], "", motion=False)  # the motion LoRA in the wrong box is skipped by name
+    (name,) = ws.loras()
+    assert name.startswith("my-style-v2-") and page["loras"] == f"{name}:1.0"
+    assert "Skipped LoRA 'v2_lora_ZoomIn.ckpt' is an AnimateDiff motion LoRA; upload it under Motion LoRAs" in page["model_status"]
+    mname = h.on_upload_loras(ws, [zoom], "", motion=True)["motion_loras"].split(":")[0]
+    assert mname.endswith(".safetensors") and (ws.root / "loras" / mname).read_bytes()[:8] != b"PK\x03\x04"  # no pickle kept
+
+    model = ("tiny", "", "", "dpmpp-2m", "full", f"{name}:0.5", f"{mname}:0.6", "1.1, 1.2, 0.9, 0.4", 1)
+    page = last(h.on_generate(ws, model, "a dog", "", [], 0.15, 2, None, None, 2, "5"))
+    record = page["gen_settings"]["models"]
+    assert [e["scale"] for e in record["loras"] + record["motion_loras"]] == [0.5, 0.6]
+    assert record["freeu"] == {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.4} and record["clip_skip"] == 1
+    # the reference: CLI-style generate with the files as uploaded (the UI re-saved them as .safetensors)
+    spec = ModelSpec(scheduler="dpmpp-2m", loras=(f"{style}:0.5",), motion_loras=(f"{zoom}:0.6",), freeu=(1.1, 1.2, 0.9, 0.4), clip_skip=1)
+    cfg = GenerateConfig(prompts=["a dog"], seeds=[5], frames=2, steps=2, gamma=0.15, models=spec)
+    ref = generate(cfg, tmp_path / "ref.mp4", pipe=load_pipeline(spec, device="cpu"), quiet=True)[0]
+    assert np.array_equal(read_video(ws.video_path(page["new_video"])), read_video(ref))
+    plain = last(h.on_generate(ws, TINY_MODEL, "a dog", "", [], 0.15, 2, None, None, 2, "5"))["new_video"]
+    assert not np.array_equal(read_video(ws.video_path(plain)), read_video(ref))  # the options did something
+
+    form = h.reuse_settings(ws, page["new_video"])
+    assert {k: form[k] for k in ("scheduler", "loras", "motion_loras", "freeu", "clip_skip")} == {
+        "scheduler": "dpmpp-2m", "loras": f"{name}:0.5", "motion_loras": f"{mname}:0.6", "freeu": "1.1, 1.2, 0.9, 0.4", "clip_skip": 1}
+    again = last(h.on_generate(ws, tuple(form[k] for k in h.MODEL_FIELDS), **{k: form[k] for k in h.GENERATE_FIELDS if k in form}))
+    assert np.array_equal(read_video(ws.video_path(again["new_video"])), read_video(ref))
+
+
+def test_training_takes_the_loras_and_says_it_leaves_out_the_sampling_options(ws, lora_uploads, tmp_path):
+    name = h.on_upload(ws, [photo(tmp_path / f"t{i}.png", shift=4 * i) for i in range(2)], "dog")["ref_set"]
+    last(h.on_prepare(ws, name, "grabcut"))
+    lora = h.on_upload_loras(ws, [str(lora_uploads / "My Style (v2).safetensors")], "")["loras"]
+    outs = list(h.on_train(ws, ("tiny", "", "", "ddim", "full", lora, "", "on", 1), name, "<lt>", 1, 1e-3, 1, True, 0))
+    assert outs[0]["train_status"] == "Starting… (training leaves out FreeU, clip skip: they apply when generating)"
+    from magicme.video import read_sidecar
+
+    models = read_sidecar(ws.identity_path(last(outs)["trained"]))["models"]
+    assert [e["scale"] for e in models["loras"]] == [1.0] and "freeu" not in models and "clip_skip" not in models
+
+
+def test_reference_preset_records_its_recipe_and_reuse_leaves_its_freeu_blank(ws):
+    page = last(h.on_generate(ws, ("tiny", "", "", "ddim", "reference"), "a dog", "", [], 0.15, 2, None, None, 1, "0"))
+    models = page["gen_settings"]["models"]
+    assert (models["preset"], models["scheduler"], models["freeu"]) == ("reference", "dpmpp-2m-karras", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.4})
+    form = h.reuse_settings(ws, page["new_video"])
+    assert (form["preset"], form["freeu"], form["loras"], form["clip_skip"]) == ("reference", "", "", 0)
+
+
+def test_lora_boxes_name_no_server_path_they_cannot_use(ws, tmp_path):
+    """A missing path, a file that is no LoRA and a relative path all get the same words (no existence oracle)."""
+    not_lora = tmp_path / "notes.safetensors"
+    not_lora.write_bytes(b"secret")
+    messages = set()
+    for entry in ("/no/such/lora.safetensors", str(not_lora), "notes.safetensors", str(tmp_path)):
+        out = run(h.on_generate, "gen_status", ws, (*TINY_MODEL, entry + ":0.8"), "a dog", "", [], 0.15, 2, None, None, 1)[-1]
+        messages.add(out["gen_status"].replace(repr(entry), "X"))
+    assert messages == {f"Error: LoRAs: X is not a usable LoRA ({h.LORA_HINT}, by its full path)"}
+    bad = run(h.on_generate, "gen_status", ws, (*TINY_MODEL, "", "", "1, 2"), "a dog", "", [], 0.15, 2, None, None, 1)[-1]
+    assert bad["gen_status"].startswith("Error: FreeU takes four numbers") and "--" not in bad["gen_status"]
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not weights")
+    out = list(h.guarded(h.on_upload_loras, "model_status", ws)(ws, [str(junk)], "x:1.0"))[-1]
+    assert out["model_status"].startswith("Error: LoRA 'junk.safetensors' is not a readable .safetensors file") and str(tmp_path) not in out["model_status"]
 
 
 @pytest.mark.parametrize(
-    "model, fields, needle",
+    "model, fields, message",
     [
-        (TINY_MODEL, dict(gamma=1.0), "--gamma"),
-        (TINY_MODEL, dict(frames=0), "--frames"),
-        (TINY_MODEL, dict(seed=1.5), "seed"),
-        (TINY_MODEL, dict(prompt="  "), "--prompt"),
-        (("missing-model.safetensors", "", "", "ddim", "full"), {}, "missing-model"),
-        (("tiny", "", "", "plms", "full"), {}, "--scheduler"),
-        (("tiny", "", "", "ddim", "turbo"), {}, "--preset"),
-        (TINY_MODEL, dict(prompt_travel="x: a cat"), "--prompt-at"),
-        (TINY_MODEL, dict(prompt_travel="9: a cat"), "outside the clip"),
+        (TINY_MODEL, dict(gamma=1.0), "Error: γ: gamma must be in [0, 1)"),
+        (TINY_MODEL, dict(frames=0), "Error: Frames must be an integer >= 1, got 0"),
+        (TINY_MODEL, dict(width=50), "Error: Width must be a positive multiple of 8, got 50"),
+        (TINY_MODEL, dict(seeds="1.5"), "Error: Seeds: '1.5' is not a seed"),
+        (TINY_MODEL, dict(prompt="  "), "Error: Prompt is required (or a frame-0 Prompt travel)"),
+        (("/no/such/model", "", "", "ddim", "full"), {}, "Error: Base model: not a usable model ("),
+        (("tiny", "", "", "plms", "full"), {}, "Error: Scheduler must be one of"),
+        (TINY_MODEL, dict(prompt_travel="x: a cat"), "Error: Prompt travel 'x: a cat' must be FRAME:PROMPT"),
+        (TINY_MODEL, dict(prompt_travel="9: a cat"), "Error: Prompt travel frame 9 is outside the clip"),
     ],
 )
-def test_generate_bad_input_raises_before_work(ws, model, fields, needle):
-    args = dict(prompt="a dog", negative_prompt="", identities=[], gamma=0.15, frames=2, steps=1, seed=0, guidance=7.5, fps=8) | fields
+def test_generate_bad_input_is_one_problem_line_before_any_work(ws, model, fields, message):
+    args = dict(prompt="a dog", negative_prompt="", identities=[], gamma=0.15, frames=2, steps=1, seeds="0", fps=8) | fields
     before = ws.videos()
-    gen = ui.on_generate(ws, model, **args)
-    with pytest.raises((ValueError, FileNotFoundError), match=needle):
-        list(gen)
+    outs = run(h.on_generate, "gen_status", ws, model, **args)
+    assert outs[-1]["gen_status"].startswith(message) and "--" not in outs[-1]["gen_status"]
     assert ws.videos() == before
 
 
-def test_cancel_stops_at_the_next_step_and_writes_nothing(ws):
-    before = sorted(p.name for p in (ws.root / "videos").iterdir())
-    steps = []
-
-    def report(progress):
-        steps.append(progress["step"])
-        if progress["step"] == 2:
-            assert ws.cancel() == 1
-
-    cfg = GenerateConfig(prompts=["a dog"], frames=2, steps=10, models=ModelSpec())
-    with pytest.raises(Cancelled):
-        ws.generate(cfg, report)
-    assert steps == [1, 2]
-    assert sorted(p.name for p in (ws.root / "videos").iterdir()) == before
-    outs = []
-    gen = ui.on_generate(ws, TINY_MODEL, "a dog", "", [], 0.15, 2, 10, 0, 7.5, 8, progress=lambda i, n: i == 1 and ws.cancel())
-    outs = list(gen)
-    assert outs[-1] == ("Cancelled; nothing was written.", None, None)
-    assert sorted(p.name for p in (ws.root / "videos").iterdir()) == before
+def test_cancel_keeps_finished_clips_and_writes_no_half_clip(ws):
+    before = ws.videos()
+    gen = h.on_generate(ws, TINY_MODEL, "a dog", "", [], 0.15, 2, None, None, 6, "1, 2")
+    job = next(gen)["job"]
+    for out in gen:
+        if out.get("gen_status", "").startswith("Denoising clip 2/2: step 2/"):
+            assert ws.cancel(job) == 1
+    assert out["gen_status"] == "Cancelled; the 1 clip(s) finished before are kept."
+    assert len(ws.videos()) == len(before) + 1
+    assert sorted(p.name for p in (ws.root / "videos").iterdir() if p.name.startswith(".")) == []
 
 
-def test_evaluate_handler_scores_like_evaluate_video_and_keeps_the_scores(ws, tmp_path):
-    from magicme.evaluate import MetricModels, evaluate_video, save_tiny_metric_models
-
-    metric = save_tiny_metric_models(tmp_path / "metric")
-    set_name = ws.save_references([photo(tmp_path / f"{i}.png", color=(i * 90, 40, 200)) for i in range(2)], "dog")
-    idname = ws.import_identity(str(identity_file(tmp_path / "e.safetensors", token="<ev>", seed=5)))
-    *_, (_, _, settings) = ui.on_generate(ws, TINY_MODEL, "a <ev> dog", "", [idname], 0.15, 3, 1, 0, 7.5, 8)
-    video = settings["output"]
-    with pytest.raises(ValueError, match="reference set"):
-        list(ui.on_evaluate(ws, video, None, metric.clip, metric.dino))
-    outs = list(ui.on_evaluate(ws, video, set_name, metric.clip, metric.dino))
-    table, scores = outs[-1]
-    assert "CLIP-I" in table and f"{scores['clip_i']:.4f}" in table
-    assert scores["scored_prompt"] == "a dog"  # the token replaced by the set's class word (§5.2)
-    expected = evaluate_video(ws.video_path(video), ws.root / "references" / set_name / "images", "a <ev> dog",
-                              token="<ev>", class_word="dog", models=MetricModels(clip=metric.clip, dino=metric.dino), device="cpu")
-    for key in ("dino", "clip_i", "clip_t", "temporal_dino", "temporal_clip"):
-        assert scores[key] == pytest.approx(expected[key], abs=1e-5)
-    assert ui.on_pick_video(ws, video)[2] == scores
-    scorer = ws._scorers[MetricModels(clip=metric.clip, dino=metric.dino)]
-    list(ui.on_evaluate(ws, video, set_name, metric.clip, metric.dino))
-    assert ws._scorers[MetricModels(clip=metric.clip, dino=metric.dino)] is scorer
+# ---- videos: gallery, refine, score
 
 
-def test_upscale_and_face_vcd_handlers_write_new_videos_with_their_settings(ws, tmp_path):
+def test_gallery_thumbnails_and_readable_captions(ws):
+    items, names = h.video_gallery(ws)
+    assert names == ws.videos() and len(items) == len(names)
+    thumb, caption = items[0]
+    frames = read_video(ws.video_path(names[0]))
+    assert np.array_equal(np.asarray(Image.open(thumb).convert("RGB")), frames[len(frames) // 2])
+    settings = ws.video_settings(names[0])
+    assert caption == h.clip_caption(settings) and f"seed {settings['seed']}" in caption
+    assert [label for label, _ in h.video_choices(ws)] == [c for _, c in items]
+
+
+def test_refine_then_score_the_refined_clip_beside_its_source(ws, tmp_path):
+    from magicme.evaluate import save_tiny_metric_models
+
     idname = ws.import_identity(str(identity_file(tmp_path / "r.safetensors", token="<rf>", seed=7)))
-    *_, (_, source, settings) = ui.on_generate(ws, TINY_MODEL, "a <rf> dog", "", [idname], 0.15, 3, 1, 0, 7.5, 8)
-    name = settings["output"]
-    assert ui.refine_defaults(ws, name) == ("a <rf> dog", [idname])
-    outs = list(ui.on_refine(ws, TINY_MODEL, "upscale", name, "a <rf> dog", [idname], "", 5, 1, 2))
-    status, video, up = outs[-1]
-    assert status.startswith("Done") and any(o[0] == "Tiled VCD: denoising step 1" for o in outs)
-    assert read_video(video).shape == (3, 128, 128, 3)
-    assert (up["task"], up["strength"], up["scale"]) == ("upscale", 0.2, 2)  # §5.2's 20 % by default
-    assert up["input"]["path"] == str(ws.video_path(name))
-    # no face in tiny noise: Face VCD keeps the clip and says so
-    *_, (status, video, face) = ui.on_refine(ws, TINY_MODEL, "face", name, "a <rf> dog", [idname], "", 2, 0)
-    assert "no face found" in status and face["strength"] == 0.8
-    assert np.abs(read_video(video).astype(int) - read_video(source).astype(int)).mean() < 4  # only one more lossy H.264 pass
-    # with a face: only the face square changes, and cancelling stops it with nothing written
-    from magicme.face import FaceConfig
-
-    cfg = FaceConfig(prompt="a <rf> dog", steps=4, identities=[idname], models=ModelSpec())
-    new = ws.refine("face", name, cfg, detector=lambda frame: [(16, 16, 24, 24)])
-    before, after = read_video(source).astype(int), read_video(ws.video_path(new)).astype(int)
-    assert ws.video_settings(new)["faces"] == 1
-    assert np.abs(after - before)[:, 20:36, 20:36].mean() > 4 * np.abs(after - before)[:, :4, :4].mean()
-    count = len(ws.videos())
-    with pytest.raises(Cancelled):
-        ws.refine("face", name, cfg, report=lambda p: ws.cancel(), detector=lambda frame: [(16, 16, 24, 24)])
-    assert len(ws.videos()) == count
-    with pytest.raises(ValueError, match="stage"):
-        ws.refine("v2v", name, cfg)
-
-
-def test_pipeline_loaded_once_per_spec_and_reloaded_for_a_retrained_token(ws, tmp_path):
-    spec = ModelSpec()
-    pipe = ws.pipeline(spec)
-    assert ws.pipeline(spec) is pipe
-    first = identity_file(tmp_path / "a.safetensors", token="<re>", seed=1)
-    assert ws.pipeline(spec, [first]) is pipe
-    same_token = identity_file(tmp_path / "b.safetensors", token="<re>", seed=2)
-    fresh = ws.pipeline(spec, [same_token])
-    assert fresh is not pipe
-    ids = fresh.tokenizer.convert_tokens_to_ids(["<re>"])
-    emb = fresh.text_encoder.get_input_embeddings().weight[ids[0]]
-    assert torch.allclose(emb, torch.randn(2, 32, generator=torch.Generator().manual_seed(2))[0])
-    assert ws.pipeline(ModelSpec(scheduler="euler")) is not fresh
+    source = last(h.on_generate(ws, TINY_MODEL, "a <rf> dog", "", [idname], 0.15, 3, None, None, 1))["new_video"]
+    picked = h.on_pick_video(ws, source)
+    assert (picked["refine_prompt"], picked["refine_identities"], picked["scores"]) == ("a <rf> dog", [idname], "Not scored yet.")
+    outs = list(h.on_refine(ws, TINY_MODEL, "upscale", source, "a <rf> dog", [idname], "", 5, 1, 2))
+    page = last(outs)
+    refined = page["new_video"]
+    assert page["refine_status"] == f"Done: {refined}. It is now the picked clip: score it below."
+    assert any(o.get("refine_status") == "Tiled VCD: denoising step 1" for o in outs)
+    assert read_video(ws.video_path(refined)).shape == (3, 128, 128, 3)
+    assert (page["refine_settings"]["strength"], page["refine_settings"]["scale"]) == (0.2, 2)  # §5.2's 20 % by default
+    assert ws.video_source(refined) == source
+    form = h.reuse_settings(ws, refined)
+    assert (form["refine_strength"], form["refine_steps"], form["refine_scale"], form["prompt"]) == ("0.2", 5, 2, "a <rf> dog")
+    # score both: the refined clip's table shows its source's row too
+    metric = save_tiny_metric_models(tmp_path / "metric")
+    ref_set = h.on_upload(ws, [photo(tmp_path / "e.png")], "dog")["ref_set"]
+    (failed,) = run(h.on_evaluate, "eval_status", ws, refined, None, metric.clip, metric.dino)
+    assert failed["eval_status"] == "Error: Reference set: pick the photos to compare the clip with"
+    (failed,) = run(h.on_evaluate, "eval_status", ws, refined, ref_set, str(tmp_path), metric.dino)
+    assert failed["eval_status"].startswith("Error: CLIP model: not a usable model")
+    last(h.on_evaluate(ws, source, ref_set, metric.clip, metric.dino))
+    page = last(h.on_evaluate(ws, refined, ref_set, metric.clip, metric.dino))
+    scores = page["metrics"]
+    assert scores["scored_prompt"] == "a dog"  # the token replaced by the set's class word (§5.2)
+    table = page["scores"].splitlines()
+    assert table[0].startswith("| clip | DINO | CLIP-I") and table[2].startswith(f"| this clip | {scores['dino']:.4f} |")
+    assert table[3].startswith(f"| its source | {ws.metrics(source)['dino']:.4f} |")
 
 
-def test_stream_yields_progress_then_result_and_reraises():
-    assert list(stream(lambda report: [report(i) for i in range(3)] and "ok")) == [
-        ("progress", 0), ("progress", 1), ("progress", 2), ("done", "ok")]
-
-    def fail(report):
-        report("x")
-        raise ValueError("boom")
-
-    gen = stream(fail)
-    assert next(gen) == ("progress", "x")
-    with pytest.raises(ValueError, match="boom"):
-        next(gen)
+def test_face_vcd_without_a_face_says_the_clip_is_unchanged(ws):
+    source = last(h.on_generate(ws, TINY_MODEL, "a dog", "", [], 0.15, 2, None, None, 1))["new_video"]
+    page = last(h.on_refine(ws, TINY_MODEL, "face", source, "a dog", [], "", 2, 0))
+    assert "no face found" in page["refine_status"] and page["refine_settings"]["strength"] == 0.8
 
 
-def test_one_model_job_at_a_time(ws):
-    inside, peak = [0], [0]
-    lock = threading.Lock()
-
-    def work(check):
-        with lock:
-            inside[0] += 1
-            peak[0] = max(peak[0], inside[0])
-        threading.Event().wait(0.05)
-        with lock:
-            inside[0] -= 1
-
-    threads = [threading.Thread(target=ws.run_job, args=(work,)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak[0] == 1
+# ---- the app
 
 
-# ---- the app and the command
-
-
-def test_app_builds_with_the_workflow_and_lists_what_exists(ws):
+def test_app_builds_with_the_workflow(ws):
     import gradio as gr
 
     app = ui.build_app(workspace=ws)
     assert isinstance(app, gr.Blocks)
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
-    assert {"photos", "class_word", "save_photos", "prompt", "identities", "gamma", "frames", "seed",
-            "generate", "cancel_generate", "gen_video", "gen_settings", "library", "lib_settings"} <= ids
-    picker = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "video_pick")
-    assert [v for _, v in picker.choices] == ws.videos()
-    assert app.magicme_workspace is ws
-
-
-def test_cli_ui_checks_arguments_then_serves(monkeypatch, tmp_path, capsys):
-    from magicme.cli import main
-
-    calls = []
-    monkeypatch.setattr(ui, "launch", lambda app, host, port, quiet: calls.append((app.magicme_workspace.root, host, port)))
-    assert main(["ui", "--port", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--port" in err[0]
-    assert calls == []
-    assert main(["ui", "--port", "7999", "--workdir", str(tmp_path / "w")]) == 0
-    assert calls == [((tmp_path / "w").resolve(), "127.0.0.1", 7999)]
-    assert "http://127.0.0.1:7999" in capsys.readouterr().out
+    assert {"photos", "class_word", "save_photos", "mask_files", "mask_editor", "save_mask", "train_preview_every",
+            "checkpoints", "prompt", "identities", "gamma", "frames", "width", "height", "seeds", "random_seed",
+            "preview", "generate", "cancel_generate", "gen_video", "gen_clips", "gen_settings", "library", "reuse",
+            "lib_settings", "tiny_warning"} <= ids
+    warning = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "tiny_warning")
+    assert warning.visible and "coloured noise" in warning.value  # not in a collapsed section
+    assert h.is_tiny("tiny") and h.is_tiny(" ") and not h.is_tiny("owner/model")
+    assert app.magicme_workspace is ws and app.magicme_files == ws.root

@@ -400,9 +400,11 @@ def cmd_ui(args) -> None:
         import gradio  # noqa: F401  (an optional extra)
     except ModuleNotFoundError:
         raise ValueError("magicme ui needs gradio: pip install 'magicme[ui]'") from None
-    from .ui import serve
+    from .ui_server import AUTH_ENV, read_auth, serve
 
-    serve(args.workdir, host=args.host, port=args.port, device=args.device)
+    auth = read_auth(args.auth, args.auth_file, os.environ.get(AUTH_ENV))
+    serve(args.workdir, host=args.host, port=args.port, device=args.device, auth=auth, allow_hosts=args.allow_host or (),
+          shared=args.shared)
 
 
 def _metric_models(args):
@@ -647,11 +649,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ui", help="the whole workflow in a browser (Gradio web app)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: every interface, use --auth)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--work-dir", dest="workdir", default="magicme-ui", help="folder holding uploads, identities and videos (created)")
+    p.add_argument("--work-dir", dest="workdir", default="magicme-ui", help="folder whose workspaces/ holds uploads, identities and videos (created)")
     p.add_argument("--workdir", dest="workdir", action=_Deprecated, new="--work-dir")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--auth", action="append", metavar="USER:PASSWORD", help="require this login (repeatable; keeps it in shell history: prefer --auth-file or $MAGICME_UI_AUTH)")
+    p.add_argument("--auth-file", metavar="FILE", help="logins, one USER:PASSWORD per line")
+    p.add_argument("--allow-host", action="append", metavar="NAME", help="also answer requests addressed to this host name (repeatable; '*': no Host check, behind a proxy that checks)")
+    p.add_argument("--shared", action="store_true", help="one workspace for every browser (default: one per browser, or per login with --auth)")
     p.set_defaults(func=cmd_ui)
     stack = [parser]
     while stack:  # every sub-command's --help shows the defaults

@@ -99,7 +99,7 @@ def write_safetensors(path: str | Path, named: dict[str, torch.Tensor], metadata
     blobs, offset = [], 0
     for name in sorted(named):
         t = named[name].detach().to("cpu").contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # reshape: 0-dim ones (kohya alphas) too
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

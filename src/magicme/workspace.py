@@ -1,41 +1,53 @@
-"""The web UI's work directory and its handlers, free of any web framework so they run headless.
+"""The web UI's storage: what each user made, in folders the UI owns, free of any web framework.
 
-Layout under one root (every name below it is generated here; no client path or name is ever used):
+`Workspaces` owns one folder of the UI's work directory, `<workdir>/workspaces/`, which it made and
+marked itself: the web server serves nothing else. Inside it, one `Workspace` per browser (or per login
+with --auth, or one `shared/` for everyone with --shared) holds what that user made; every name below is
+generated here, no client path or name is ever used as one:
 
     references/<set>/images/000.png …   uploaded photos, checked and re-encoded as PNG; set.json
+    references/<set>/masks/000.png …    the user's own masks, when uploaded
+    references/<set>/prepared/          the prepared set (prepare.py): square images, masks, manifest
     identities/<name>.safetensors       identity files (imported or trained)
-    videos/<name>.mp4 (+ .mp4.json)     generated clips with their run record
+    loras/<name>.safetensors            uploaded LoRAs and motion LoRAs, re-saved as .safetensors
+    checkpoints/<identity>/step-…/      training checkpoints with their preview frames
+    videos/<name>.mp4 (+ .mp4.json)     clips with their run record (+ .mp4.metrics.json once scored)
+    thumbnails/<name>.png               one frame of each clip, for the gallery
 
-A `Workspace` keeps one loaded pipeline per `ModelSpec` and runs one model job at a time; a job
-reports progress through a callback and stops at the next step once `cancel()` is called.
+All workspaces share one `Runner` (runner.py): the loaded models and the queue of model jobs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import queue
 import re
 import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .runner import Job, Runner, identities_loaded, latent_preview, step_reporter, unusable_models
 from .video import read_sidecar, sidecar_path
 
-REFERENCES, IDENTITIES, VIDEOS = "references", "identities", "videos"
+REFERENCES, IDENTITIES, VIDEOS, CHECKPOINTS, THUMBNAILS = "references", "identities", "videos", "checkpoints", "thumbnails"
+LORAS = "loras"
 SET_RECORD = "set.json"
+WORKSPACES = "workspaces"
+MARK = ".magicme-ui"  # the UI made this folder: it may serve and replace what is inside
+SHARED = "shared"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,80}$")
 _CLASS_WORD = re.compile(r"^[A-Za-z][A-Za-z \-]{0,39}$")
-
-
-class Cancelled(Exception):
-    """The user cancelled the running job."""
+_WORKSPACE_ID = re.compile(r"^(shared|[bu]-[0-9a-f]{24})$")
+_BROWSER_KEY = re.compile(r"^[A-Za-z0-9_\-]{32,64}$")
+MASK_SUFFIXES = ("", "_mask", "-mask", ".mask", " mask")  # 'dog1.png' or 'dog1_mask.png' is the mask of 'dog1.jpg'
 
 
 @dataclass(frozen=True)
@@ -45,41 +57,62 @@ class UploadLimits:
     max_files: int = 20  # the design's 3–20 reference photos (§5.2 uses a handful per subject)
     max_bytes: int = 20 * 2**20  # per file
     max_pixels: int = 40_000_000  # per image; larger is a decompression bomb, not a photo
+    min_side: int = 16  # smaller is no photo of a subject (and breaks GrabCut)
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # what `prepare` reads
     max_identity_bytes: int = 2**20  # an identity is K × 768 floats: a few KiB
+    max_lora_bytes: int = 2**30  # SD-1.5 LoRAs are 10–300 MB, AnimateDiff's motion LoRAs 77 MB
 
 
-def check_images(paths: list[str | Path], limits: UploadLimits = UploadLimits()) -> list:
-    """Open uploaded photos as upright RGB PIL images after checking count, size and type by content."""
+def display_name(path: str | Path) -> str:
+    """An uploaded file's name as the user knows it, for messages only (never used as a path)."""
+    name = re.sub(r"[^\w .()\-]", "_", Path(str(path)).name)[:60]
+    return name or "unnamed file"
+
+
+def read_photo(path: str | Path, limits: UploadLimits = UploadLimits()):
+    """One uploaded photo as an upright RGB PIL image, checked by its bytes; ValueError says why not."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    size = os.path.getsize(path)
+    if size > limits.max_bytes:
+        raise ValueError(f"{size / 2**20:.1f} MiB is over the {limits.max_bytes / 2**20:.0f} MiB limit")
+    try:
+        with Image.open(path) as im:
+            if im.format not in limits.formats:
+                raise ValueError(f"{im.format or 'unknown'} content, expected {'/'.join(limits.formats)}")
+            if im.width * im.height > limits.max_pixels:
+                raise ValueError(f"{im.width}×{im.height} pixels is over the {limits.max_pixels:,} pixel limit")
+            if min(im.size) < limits.min_side:
+                raise ValueError(f"{im.width}×{im.height} pixels is too small (at least {limits.min_side} a side)")
+            im.verify()  # truncated or corrupt data raises here, before we decode it
+        with Image.open(path) as im:
+            upright = ImageOps.exif_transpose(im)
+            upright.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"not a readable image ({type(e).__name__})") from None
+    if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
+        rgba = upright.convert("RGBA")  # transparent parts become white, as `prepare` does
+        upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return upright.convert("RGB")
+
+
+def read_photos(paths: list[str | Path], limits: UploadLimits = UploadLimits()) -> tuple[list, list[str], list[str]]:
+    """Uploaded photos → (images, their names, "name: why" per skipped file); an unreadable photo is skipped, as the CLI does."""
     paths = [p for p in (paths or []) if p]
     if not paths:
         raise ValueError("photos: upload at least one photo of the subject")
     if len(paths) > limits.max_files:
         raise ValueError(f"photos: {len(paths)} files uploaded, at most {limits.max_files} allowed")
-    images = []
-    for i, path in enumerate(paths, 1):
-        size = os.path.getsize(path)
-        if size > limits.max_bytes:
-            raise ValueError(f"photo {i}: {size / 2**20:.1f} MiB is over the {limits.max_bytes / 2**20:.0f} MiB limit")
+    images, names, skipped = [], [], []
+    for path in paths:
         try:
-            with Image.open(path) as im:
-                if im.format not in limits.formats:
-                    raise ValueError(f"photo {i}: {im.format or 'unknown'} content, expected {'/'.join(limits.formats)}")
-                if im.width * im.height > limits.max_pixels:
-                    raise ValueError(f"photo {i}: {im.width}×{im.height} pixels is over the {limits.max_pixels:,} pixel limit")
-                im.verify()  # truncated or corrupt data raises here, before we decode it
-            with Image.open(path) as im:
-                upright = ImageOps.exif_transpose(im)
-                upright.load()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
-            raise ValueError(f"photo {i}: not a readable image ({type(e).__name__})") from None
-        if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P" and "transparency" in upright.info):
-            rgba = upright.convert("RGBA")  # transparent parts become white, as `prepare` does
-            upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        images.append(upright.convert("RGB"))
-    return images
+            images.append(read_photo(path, limits))
+            names.append(display_name(path))
+        except ValueError as e:
+            skipped.append(f"{display_name(path)}: {e}")
+    if not images:
+        raise ValueError(f"photos: none of the {len(paths)} file(s) is a usable photo ({'; '.join(skipped)})")
+    return images, names, skipped
 
 
 def check_class_word(word: str) -> str:
@@ -94,104 +127,162 @@ def new_name(prefix: str = "") -> str:
     return f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+def video_name(prompt: str, seed: int) -> str:
+    """A clip's file name that says what it is: `a-v-dog-running-s3-20260101-120000-1a2b3c.mp4`."""
+    return new_name(f"{_slug(prompt, 32, empty='clip')}-s{seed}-") + ".mp4"  # at most 80 characters: a name `_NAME` accepts
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _atomic_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def stream(work: Callable[[Callable[..., None]], Any], poll: float = 0.1) -> Iterator[tuple[str, Any]]:
-    """Run `work(report)` in a thread and yield ("progress", payload) for each `report(payload)`, then ("done", result).
-
-    `work`'s exception is re-raised here. The caller (a web handler) can update its page between events.
-    """
-    events: queue.Queue = queue.Queue()
-
-    def run() -> None:
-        try:
-            events.put(("done", work(lambda payload: events.put(("progress", payload)))))
-        except BaseException as e:  # handed to the consuming thread, which re-raises it
-            events.put(("error", e))
-
-    thread = threading.Thread(target=run, daemon=True, name="magicme-job")
-    thread.start()
-    while True:
-        try:
-            kind, value = events.get(timeout=poll)
-        except queue.Empty:
-            continue
-        if kind == "error":
-            raise value
-        yield kind, value
-        if kind == "done":
-            return
+def _replace_folder(tmp: Path, dest: Path) -> None:
+    """Put folder `tmp` at `dest` (a folder this workspace wrote): rename the old aside first, so a kill leaves one whole."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(3)}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-@dataclass(eq=False)  # identity-hashed: one entry per running job
-class _Job:
-    cancel: threading.Event = field(default_factory=threading.Event)
+# ---- the work directory
 
 
+def claim_folder(folder: Path) -> Path:
+    """Create `folder` and mark it as the UI's, or accept it if marked (or empty); refuse a folder someone else filled."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--work-dir: {str(folder)!r} is a file, not a folder")
+    if folder.is_dir() and not (folder / MARK).is_file() and any(folder.iterdir()):
+        raise FileExistsError(f"--work-dir: {str(folder)!r} exists and was not made by magicme ui; name another --work-dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARK).touch()
+    except (FileExistsError, NotADirectoryError):
+        raise FileExistsError(f"--work-dir: {str(folder.parent)!r} is not a folder") from None
+    except PermissionError:
+        raise ValueError(f"--work-dir: {str(folder.parent)!r} is not writable") from None
+    return folder
 
-def step_reporter(report: Callable[[dict], None], check: Callable[[], None], total: int | None = None):
-    """A diffusers `callback_on_step_end` that reports the running step count and stops a cancelled job."""
-    done = 0
 
-    def on_step(pipe, step, timestep, kwargs):
-        nonlocal done
-        done += 1
-        report({"step": done} if total is None else {"step": done, "steps": total})
-        check()
-        return kwargs
+class Workspaces:
+    """The UI's own folder `<workdir>/workspaces/` and one workspace per browser, login, or shared."""
 
-    return on_step
+    def __init__(self, workdir: str | Path, device: str | None = None, limits: UploadLimits = UploadLimits()):
+        self.workdir = Path(workdir).expanduser().resolve()
+        self.root = claim_folder(self.workdir / WORKSPACES)
+        self.runner = Runner(device)
+        self.limits = limits
+        self._open: dict[str, Workspace] = {}
+        self._lock = threading.Lock()
+
+    def get(self, wid: str) -> "Workspace":
+        if not isinstance(wid, str) or not _WORKSPACE_ID.match(wid):
+            raise ValueError("this page has no workspace yet: reload the page")
+        with self._lock:
+            if wid not in self._open:
+                self._open[wid] = Workspace(self.root / wid, limits=self.limits, runner=self.runner, wid=wid)
+            return self._open[wid]
+
+    @staticmethod
+    def for_browser(key: str | None) -> tuple[str, str]:
+        """(browser key, workspace id): the key a browser keeps (a fresh one if it has none) and the folder it opens.
+
+        The key is a 192-bit secret only that browser holds; the folder is named by its hash, so
+        neither the folder name nor anything served reveals it.
+        """
+        if not isinstance(key, str) or not _BROWSER_KEY.match(key):
+            key = secrets.token_urlsafe(24)
+        return key, "b-" + hashlib.sha256(f"browser:{key}".encode()).hexdigest()[:24]
+
+    @staticmethod
+    def for_user(name: str) -> str:
+        """The workspace id of a login (--auth): the same from every browser."""
+        return "u-" + hashlib.sha256(f"user:{name}".encode()).hexdigest()[:24]
+
 
 class Workspace:
-    """One work directory, one model cache, one model job at a time."""
+    """What one user made: photos, identities, videos; its model jobs run on the shared `Runner`."""
 
-    def __init__(self, root: str | Path, device: str | None = None, limits: UploadLimits = UploadLimits()):
+    def __init__(self, root: str | Path, device: str | None = None, limits: UploadLimits = UploadLimits(),
+                 runner: Runner | None = None, wid: str = SHARED):
         self.root = Path(root).expanduser().resolve()
-        self.device = device
+        self.runner = runner or Runner(device)
+        self.device = self.runner.device
         self.limits = limits
-        for sub in (REFERENCES, IDENTITIES, VIDEOS):
+        self.id = wid
+        for sub in (REFERENCES, IDENTITIES, VIDEOS, THUMBNAILS, LORAS):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._pipes: dict = {}  # (ModelSpec, device) → [pipeline, {token: identity fingerprint}]
-        self._scorers: dict = {}  # MetricModels → evaluate.Scorer
-        self._segmenters: dict = {}  # SegmenterConfig → segment.Segmenter
-        self._model_lock = threading.Lock()
-        self._jobs: set[_Job] = set()
-        self._jobs_lock = threading.Lock()
 
     # ---- names → paths: only names this workspace generated resolve, and only inside its folders
     def _resolve(self, sub: str, name: str, suffix: str = "") -> Path:
+        what = {REFERENCES: "reference set", IDENTITIES: "identity", VIDEOS: "video", LORAS: "LoRA"}[sub]
         if not isinstance(name, str) or not _NAME.match(name) or name.endswith(".json"):
-            raise ValueError(f"{sub[:-1]} {name!r} is not a name from this work directory")
+            raise ValueError(f"{what} {name!r} is not a name from this workspace")
         path = self.root / sub / (name if not suffix or name.endswith(suffix) else name + suffix)
         if path.parent != self.root / sub or not path.exists():
-            raise FileNotFoundError(f"{sub[:-1]} {name!r} does not exist in {self.root / sub}")
+            raise FileNotFoundError(f"{what} {name!r} is not in this workspace (any more)")
         return path
 
+    def relative(self, text: str) -> str:
+        """`text` with this workspace's folder left out of any path in it (messages name files, not server folders)."""
+        return text.replace(f"{self.root}{os.sep}", "")
+
+    # ---- jobs
+    def new_job(self, kind: str = "job") -> Job:
+        return self.runner.new_job(self.id, kind)
+
+    def run_job(self, work: Callable[[Callable[[], None]], Any], report: Callable[[dict], None] = lambda _: None,
+                job: Job | None = None) -> Any:
+        """Run `work(check)` when the queue gets to it; `check()` raises `Cancelled` once the job is cancelled."""
+        return self.runner.run(job or self.new_job(), work, report)
+
+    def cancel(self, job_id: str | None = None) -> int:
+        """Cancel this workspace's job `job_id` (every one of its jobs without an id); return how many were asked."""
+        return self.runner.cancel(self.id, job_id)
+
+    @contextmanager
+    def _job(self, job: Job | None):
+        """A job for one request: made here if the caller has none, forgotten if the request fails before it queues."""
+        job = job or self.new_job()
+        try:
+            yield job
+        except BaseException:
+            self.runner.forget(job)
+            raise
+
     # ---- reference photos
-    def save_references(self, paths: list[str | Path], class_word: str) -> str:
-        """Check and store uploaded photos as a new reference set; return its name."""
+    def save_references(self, paths: list[str | Path], class_word: str) -> tuple[str, list[str]]:
+        """Check and store uploaded photos as a new reference set; return (its name, "file: why" per photo skipped)."""
         class_word = check_class_word(class_word)
-        images = check_images(paths, self.limits)
+        images, names, skipped = read_photos(paths, self.limits)
         name = new_name("set-")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root / REFERENCES))
         try:
             (tmp / "images").mkdir()
             for i, im in enumerate(images):
                 im.save(tmp / "images" / f"{i:03d}.png")
-            record = {"class_word": class_word, "count": len(images), "created": _now()}
+            record = {"class_word": class_word, "count": len(images), "names": names, "skipped": skipped, "created": _now()}
             (tmp / SET_RECORD).write_text(json.dumps(record, indent=2) + "\n")
             os.chmod(tmp, 0o755)
             os.replace(tmp, self.root / REFERENCES / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return name
+        return name, skipped
 
     def reference_sets(self) -> list[str]:
         """Names of the stored reference sets, newest first."""
@@ -203,57 +294,153 @@ class Workspace:
         folder = self._resolve(REFERENCES, name)
         return sorted((folder / "images").glob("*.png")), json.loads((folder / SET_RECORD).read_text())
 
-    def prepare(self, name: str, segmenter: str = "auto") -> dict:
-        """Square the set's photos around the subject and mask it (prepare.py, §4.2); return the manifest.
+    def save_masks(self, name: str, paths: list[str | Path]) -> Path:
+        """Store the user's masks of a set, matched to its photos by file name ('dog1.png' or 'dog1_mask.png' for 'dog1.jpg')."""
+        from PIL import Image
 
-        The prepared set is kept in the set's `prepared/` folder; the segmenter is loaded once and reused.
-        """
-        from .prepare import PrepareConfig, prepare_identity_set, read_manifest
-        from .segment import Segmenter, SegmenterConfig
+        from .segment import read_user_mask
 
         images, record = self.reference_set(name)
-        seg_cfg = SegmenterConfig(method=segmenter, device=self.device)
-        cfg = PrepareConfig(images=images[0].parent, class_word=record["class_word"], out=self.root / REFERENCES / name / "prepared", segmenter=seg_cfg)
-        cfg.check()
+        names = record.get("names") or [p.name for p in images]
+        by_stem = {}
+        for path in paths:
+            stem = Path(display_name(path)).stem
+            match = next((i for i, n in enumerate(names) for s in MASK_SUFFIXES if Path(n).stem + s == stem), None)
+            if match is None:
+                raise ValueError(f"mask {display_name(path)!r} matches no photo of the set (name it after its photo, e.g. {Path(names[0]).stem + '.png'!r})")
+            by_stem[match] = path
+        missing = [names[i] for i in range(len(images)) if i not in by_stem]
+        if missing:
+            raise ValueError(f"masks: none for photo {missing[0]!r} (give every photo a mask, e.g. {Path(missing[0]).stem + '_mask.png'!r}, or none)")
+        folder = self._resolve(REFERENCES, name)
+        tmp = Path(tempfile.mkdtemp(prefix=".masks.", dir=folder))
+        try:
+            for i, path in sorted(by_stem.items()):
+                with Image.open(images[i]) as photo:
+                    size = photo.size
+                try:
+                    read_photo(path, replace(self.limits, formats=(*self.limits.formats, "BMP")))  # size and type, as for photos
+                    mask = read_user_mask(path, size)
+                except ValueError as e:  # name the mask as the user knows it, not by its upload path
+                    text, shown = str(e), repr(display_name(path))
+                    text = text.replace(repr(str(path)), shown).replace("--masks: ", "mask ") if repr(str(path)) in text else f"mask {shown}: {text}"
+                    raise ValueError(text) from None
+                Image.fromarray(mask.astype("uint8") * 255).save(tmp / f"{i:03d}.png")
+            os.chmod(tmp, 0o755)
+            _replace_folder(tmp, folder / "masks")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder / "masks"
+
+    def prepare(self, name: str, segmenter: str = "auto", user_masks: bool = False, report=lambda _: None, job: Job | None = None) -> dict:
+        """Square the set's photos around the subject and mask it (prepare.py, §4.2); return the manifest.
+
+        `user_masks`: take the masks stored by `save_masks` instead of segmenting. The prepared set
+        is kept in the set's `prepared/` folder; the segmenter is loaded once and reused.
+        """
+        from .prepare import PrepareConfig, prepare_identity_set, read_manifest
+        from .segment import SegmenterConfig
+
+        with self._job(job) as job:
+            images, record = self.reference_set(name)
+            folder = self.root / REFERENCES / name
+            seg_cfg = SegmenterConfig(method=segmenter, device=self.device)
+            cfg = PrepareConfig(images=images[0].parent, class_word=record["class_word"], out=folder / "prepared",
+                                masks=folder / "masks" if user_masks else None, segmenter=seg_cfg)
+            cfg.check()
 
         def work(check: Callable[[], None]) -> dict:
-            if seg_cfg not in self._segmenters:
-                self._segmenters[seg_cfg] = Segmenter(seg_cfg)
+            seg = None if user_masks else self.runner.segmenter(seg_cfg)
             check()
-            return read_manifest(prepare_identity_set(cfg, segmenter=self._segmenters[seg_cfg]))
+            return read_manifest(prepare_identity_set(cfg, segmenter=seg))
 
-        return self.run_job(work)
+        return self.run_job(work, report, job)
 
     def prepared(self, name: str) -> Path | None:
         """The prepared folder of a set (images/, masks/, contact_sheet.png), or None before `prepare`."""
         folder = self._resolve(REFERENCES, name) / "prepared"
         return folder if (folder / "manifest.json").is_file() else None
 
-    def train(self, name: str, cfg, report: Callable[[dict], None] = lambda _: None) -> str:
+    def mask(self, name: str, index: int):
+        """(prepared photo as PIL, its mask as (H, W) bool) of photo `index` of a prepared set."""
+        import numpy as np
+        from PIL import Image
+
+        from .prepare import read_manifest
+
+        folder = self.prepared(name)
+        if folder is None:
+            raise ValueError(f"reference set {name!r} has no masks yet: make them first")
+        items = read_manifest(folder)["items"]
+        if not isinstance(index, int) or not 0 <= index < len(items):
+            raise ValueError(f"mask: pick one of the {len(items)} masks first")
+        image = Image.open(folder / items[index]["image"]).convert("RGB")
+        return image, np.asarray(Image.open(folder / items[index]["mask"]).convert("L")) > 127
+
+    def set_mask(self, name: str, index: int, mask) -> dict:
+        """Replace the prepared mask of photo `index` (a bool array, True on the subject) with the user's; return the manifest."""
+        import numpy as np
+        from PIL import Image
+
+        from .prepare import MANIFEST, contact_sheet, read_manifest
+
+        image, _ = self.mask(name, index)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != image.size[::-1]:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)) > 127
+        if not mask.any():
+            raise ValueError("mask: it is empty; paint the subject")
+        folder = self.prepared(name)
+        manifest = read_manifest(folder)
+        item = manifest["items"][index]
+        _atomic_write(folder / item["mask"], lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
+        item.update(mask_method="user", mask_area=float(mask.mean()), note="painted in the web UI")
+        images, masks = zip(*(self.mask(name, i) for i in range(len(manifest["items"]))))
+        _atomic_write(folder / "contact_sheet.png", lambda tmp: contact_sheet(list(images), list(masks)).save(tmp, format="PNG"))
+        _atomic_json(folder / MANIFEST, manifest)
+        return manifest
+
+    def train(self, name: str, cfg, report: Callable[[dict], None] = lambda _: None, job: Job | None = None) -> str:
         """Train an identity on a prepared set (train.py, §4.2) into identities/; return the identity's name.
 
         `cfg` is a `TrainConfig` whose data, out and checkpoint folder are set here; `report` gets
-        {"step", "steps", "loss"} after each optimizer step.
+        {"step", "steps", "loss"} after each optimizer step and {"checkpoint": step, "preview": frames.png}
+        for each checkpoint (every `cfg.checkpoint_every` steps) as it appears.
         """
         from .train import train
 
-        data = self.prepared(name)
-        if data is None:
-            raise ValueError(f"reference set {name!r} is not prepared yet: make its masks first")
-        _, record = self.reference_set(name)
-        ident = f"{new_name(_slug(record['class_word']) + '-')}.safetensors"
-        cfg = replace(cfg, data=data, out=self.root / IDENTITIES / ident, checkpoint_dir=self.root / "checkpoints" / Path(ident).stem)
-        cfg.check()
+        with self._job(job) as job:
+            data = self.prepared(name)
+            if data is None:
+                raise ValueError(f"reference set {name!r} has no masks yet: make them first")
+            _, record = self.reference_set(name)
+            ident = f"{new_name(_slug(record['class_word']) + '-')}.safetensors"
+            checkpoints = self.root / CHECKPOINTS / Path(ident).stem
+            cfg = replace(cfg, data=data, out=self.root / IDENTITIES / ident, checkpoint_dir=checkpoints)
+            with unusable_models():
+                cfg.check()
 
         def work(check: Callable[[], None]) -> str:
+            shown: set[Path] = set()
+
+            def new_checkpoints() -> None:  # train() writes them after its step callback: look for them each step
+                for folder in sorted(checkpoints.glob("step-*")) if checkpoints.is_dir() else []:
+                    if folder not in shown and (folder / "validation.png").is_file():
+                        shown.add(folder)
+                        report({"checkpoint": int(folder.name.split("-")[1]), "preview": str(folder / "validation.png")})
+
             def on_step(step: int, loss: float) -> None:
+                new_checkpoints()
                 report({"step": step, "steps": cfg.steps, "loss": loss})
                 check()
 
-            train(cfg, quiet=True, device=self.device, step_callback=on_step)
+            with unusable_models():
+                train(cfg, quiet=True, device=self.device, step_callback=on_step)
+            new_checkpoints()
             return ident
 
-        return self.run_job(work)
+        return self.run_job(work, report, job)
 
     # ---- identities
     def import_identity(self, path: str | Path) -> str:
@@ -272,7 +459,7 @@ class Workspace:
             try:
                 info = read_identity_info(tmp)
             except ValueError:
-                raise ValueError("identity: not a magicme identity file (a .safetensors from 'magicme train')") from None
+                raise ValueError(f"identity {display_name(path)!r}: not a magicme identity file (a .safetensors from 'magicme train')") from None
             name = f"{new_name(_slug(info.class_word) + '-' if info.class_word else 'id-')}.safetensors"
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.root / IDENTITIES / name)
@@ -298,9 +485,60 @@ class Workspace:
     def identity_path(self, name: str) -> Path:
         return self._resolve(IDENTITIES, name, ".safetensors")
 
+    def identity_names(self, settings: dict) -> list[str]:
+        """The names (in this workspace) of the identities a video's run record used."""
+        folder = self.root / IDENTITIES
+        out = []
+        for ident in settings.get("models", {}).get("identities", []):
+            path = Path(ident.get("name", ""))
+            if path.parent == folder and path.is_file():
+                out.append(path.name)
+        return out
+
+    # ---- LoRAs
+    def import_lora(self, path: str | Path, motion: bool = False) -> str:
+        """Store an uploaded LoRA (motion LoRA) after reading it safely and checking its kind; return its name.
+
+        The tensors are re-saved as .safetensors, so a pickled `.ckpt` upload is never kept as a pickle.
+        """
+        from .lora import read_lora
+        from .weights import read_weights, tensors, write_safetensors
+
+        what = "motion LoRA" if motion else "LoRA"
+        if not path:
+            raise ValueError(f"{what}: upload a .safetensors or .ckpt file")
+        shown = display_name(path)
+        size = os.path.getsize(path)
+        if size > self.limits.max_lora_bytes:
+            raise ValueError(f"{what} {shown!r}: {size / 2**20:.0f} MiB is over the {self.limits.max_lora_bytes // 2**20} MiB limit")
+        try:
+            read_lora(str(path), motion)  # the kind the field asks for, read without running any pickle
+            state = tensors(read_weights(path, what))
+        except (ValueError, FileNotFoundError) as e:
+            text = str(e).replace(repr(str(path)), repr(shown))
+            raise ValueError(text.replace("pass it with --motion-lora", "upload it under Motion LoRAs")
+                             .replace("pass it with --lora", "upload it under LoRAs")) from None
+        name = f"{_slug(Path(shown).stem, 32, empty='lora')}-{secrets.token_hex(3)}.safetensors"
+        write_safetensors(self.root / LORAS / name, state, {"kind": "motion_lora" if motion else "lora"})
+        return name
+
+    def loras(self) -> list[str]:
+        """Names of the stored LoRAs and motion LoRAs, newest first."""
+        folder = self.root / LORAS
+        return sorted((p.name for p in folder.glob("*.safetensors") if _NAME.match(p.name)),
+                      key=lambda n: (folder / n).stat().st_mtime, reverse=True)
+
+    def lora_path(self, name: str) -> Path:
+        return self._resolve(LORAS, name, ".safetensors")
+
+    def lora_name(self, path: str) -> str | None:
+        """The workspace name of a LoRA a run record names by path, if it is one of this workspace's."""
+        p = Path(path)
+        return p.name if p.parent == self.root / LORAS and p.is_file() else None
+
     # ---- videos
     def videos(self) -> list[str]:
-        """Names of the generated videos that have a run record, newest first."""
+        """Names of the clips that have a run record, newest first."""
         folder = self.root / VIDEOS
         return sorted(
             (p.name for p in folder.glob("*.mp4") if _NAME.match(p.name) and sidecar_path(p).is_file()),
@@ -315,78 +553,63 @@ class Workspace:
         """The run record (sidecar) of a video: everything needed to reproduce it."""
         return read_sidecar(self.video_path(name))
 
-    # ---- models
-    def pipeline(self, spec, identities: list[Path] = ()):
-        """The pipeline for `spec`, loaded once and reused, with `identities` loaded into it.
+    def video_source(self, name: str) -> str | None:
+        """The workspace video a refined clip was made from, if it is still here."""
+        path = Path(self.video_settings(name).get("input", {}).get("path", ""))
+        return path.name if path.parent == self.root / VIDEOS and path.is_file() else None
 
-        An identity whose token is already loaded from a different file (retrained under the same
-        token) forces a fresh pipeline, since a text encoder cannot unlearn a token.
-        """
-        from .identity import load_identities, read_identity_info
-        from .models import fingerprint, load_pipeline
+    def thumbnail(self, name: str) -> Path:
+        """A PNG of the clip's middle frame, made once."""
+        from PIL import Image
 
-        spec.check()
-        key = (spec, self.device)
-        wanted = {read_identity_info(p).token: fingerprint(str(p)) for p in identities}
-        entry = self._pipes.get(key)
-        if entry is not None and any(entry[1].get(t, f) != f for t, f in wanted.items()):
-            entry = None
-        if entry is None:
-            self._pipes.pop(key, None)
-            entry = self._pipes[key] = [load_pipeline(spec, device=self.device), {}]
-        load_identities(entry[0], list(identities))
-        entry[1].update(wanted)
-        return entry[0]
+        from .video import read_video
 
-    # ---- jobs
-    def run_job(self, work: Callable[[Callable[[], None]], Any]) -> Any:
-        """Run `work(check)` holding the model lock; `check()` raises `Cancelled` after `cancel()`."""
-        job = _Job()
-        with self._jobs_lock:
-            self._jobs.add(job)
-        try:
-            with self._model_lock:
-                self._check(job)
-                return work(lambda: self._check(job))
-        finally:
-            with self._jobs_lock:
-                self._jobs.discard(job)
-
-    @staticmethod
-    def _check(job: _Job) -> None:
-        if job.cancel.is_set():
-            raise Cancelled("cancelled")
-
-    def cancel(self) -> int:
-        """Ask every running or waiting job to stop at its next step; return how many were asked."""
-        with self._jobs_lock:
-            for job in self._jobs:
-                job.cancel.set()
-            return len(self._jobs)
+        video = self.video_path(name)
+        thumb = self.root / THUMBNAILS / f"{video.stem}.png"
+        if not thumb.is_file() or thumb.stat().st_mtime < video.stat().st_mtime:
+            frames = read_video(video)
+            _atomic_write(thumb, lambda tmp: Image.fromarray(frames[len(frames) // 2]).save(tmp, format="PNG"))
+        return thumb
 
     # ---- stages
-    def generate(self, cfg, report: Callable[[dict], None] = lambda _: None) -> str:
-        """Generate one clip for `cfg` (one prompt, one seed; identities given by name) into videos/; return its name.
+    def generate(self, cfg, report: Callable[[dict], None] = lambda _: None, job: Job | None = None,
+                 preview_every: int = 0) -> list[str]:
+        """Generate one clip per seed of `cfg` (one prompt; identities given by name) into videos/; return their names.
 
-        `report` gets {"step", "steps"} after each denoising step (FreeInit runs the steps once per iteration).
+        `report` gets {"step", "steps", "clip", "clips"} after each denoising step (FreeInit runs the
+        steps once per iteration), with "preview" (frames decoded from the latents) every
+        `preview_every` steps, and {"clip_done": name} after each clip. A cancelled job keeps the
+        clips already finished.
         """
         from .generate import generate
 
-        if len(cfg.prompts) > 1 or len(cfg.seeds) != 1:
-            raise ValueError("the web UI makes one video per request: give one prompt and one seed")
-        cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
-        cfg.check()
-        total = cfg.resolved().steps * (cfg.free_init or 1)
-        path = self.root / VIDEOS / f"{new_name('vid-')}.mp4"
+        with self._job(job) as job:
+            if len(cfg.prompts) > 1:
+                raise ValueError("the web UI makes one prompt per request")
+            cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
+            with unusable_models():
+                cfg.check()
+            total = cfg.resolved().steps * (cfg.free_init or 1)
+            prompt = cfg.prompts[0] if cfg.prompts else cfg.prompt_at.get(0, "")
 
-        def work(check: Callable[[], None]) -> str:
-            pipe = self.pipeline(cfg.models, [Path(p) for p in cfg.identities])
-            generate(cfg, path, pipe=pipe, quiet=True, step_callback=step_reporter(report, check, total))
-            return path.name
+        def work(check: Callable[[], None]) -> list[str]:
+            pipe = self.runner.pipeline(cfg.models)
+            names = []
+            with identities_loaded(pipe, [Path(p) for p in cfg.identities]):
+                for i, seed in enumerate(cfg.seeds):
+                    path = self.root / VIDEOS / video_name(prompt, seed)
+                    on_step = step_reporter(report, check, total, {"clip": i + 1, "clips": len(cfg.seeds)},
+                                            latent_preview, preview_every)
+                    generate(replace(cfg, seeds=[seed]), path, pipe=pipe, quiet=True, step_callback=on_step)
+                    names.append(path.name)
+                    self.thumbnail(path.name)
+                    report({"clip_done": path.name, "clip": i + 1, "clips": len(cfg.seeds)})
+            return names
 
-        return self.run_job(work)
+        return self.run_job(work, report, job)
 
-    def refine(self, stage: str, video: str, cfg, report: Callable[[dict], None] = lambda _: None, detector=None) -> str:
+    def refine(self, stage: str, video: str, cfg, report: Callable[[dict], None] = lambda _: None, detector=None,
+               job: Job | None = None) -> str:
         """Run Face VCD (stage "face") or Tiled VCD ("upscale", paper §4.3) on a stored video; return the new video's name.
 
         `cfg` is a `FaceConfig`/`UpscaleConfig` with identities given by name; `report` gets {"step"}
@@ -396,63 +619,58 @@ class Workspace:
         from .face import FaceConfig, face_vcd
         from .upscale import UpscaleConfig, tiled_vcd
 
-        wanted = {"face": FaceConfig, "upscale": UpscaleConfig}.get(stage)
-        if wanted is None or not isinstance(cfg, wanted):
-            raise ValueError(f"stage must be 'face' with a FaceConfig or 'upscale' with an UpscaleConfig, got {stage!r}")
-        source = self.video_path(video)
-        cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
-        cfg.check()
-        path = self.root / VIDEOS / f"{new_name('vid-')}.mp4"
+        with self._job(job) as job:
+            wanted = {"face": FaceConfig, "upscale": UpscaleConfig}.get(stage)
+            if wanted is None or not isinstance(cfg, wanted):
+                raise ValueError(f"stage must be 'face' with a FaceConfig or 'upscale' with an UpscaleConfig, got {stage!r}")
+            source = self.video_path(video)
+            cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
+            with unusable_models():
+                cfg.check()
+            path = self.root / VIDEOS / video_name(f"{stage} {cfg.prompt}", cfg.seed)
 
         def work(check: Callable[[], None]) -> str:
-            pipe = self.pipeline(cfg.models, [Path(p) for p in cfg.identities])
+            pipe = self.runner.pipeline(cfg.models)
             on_step = step_reporter(report, check)
-            if stage == "face":
-                face_vcd(cfg, source, path, pipe=pipe, detector=detector, quiet=True, step_callback=on_step)
-            else:
-                tiled_vcd(cfg, source, path, pipe=pipe, quiet=True, step_callback=on_step)
+            with identities_loaded(pipe, [Path(p) for p in cfg.identities]):
+                if stage == "face":
+                    face_vcd(cfg, source, path, pipe=pipe, detector=detector, quiet=True, step_callback=on_step)
+                else:
+                    tiled_vcd(cfg, source, path, pipe=pipe, quiet=True, step_callback=on_step)
+            self.thumbnail(path.name)
             return path.name
 
-        return self.run_job(work)
+        return self.run_job(work, report, job)
 
-    def identity_names(self, settings: dict) -> list[str]:
-        """The names (in this work directory) of the identities a video's run record used."""
-        folder = self.root / IDENTITIES
-        out = []
-        for ident in settings.get("models", {}).get("identities", []):
-            path = Path(ident.get("name", ""))
-            if path.parent == folder and path.is_file():
-                out.append(path.name)
-        return out
-
-    def evaluate(self, video: str, reference_set: str, metric_models, report: Callable[[dict], None] = lambda _: None) -> dict:
+    def evaluate(self, video: str, reference_set: str, metric_models, report: Callable[[dict], None] = lambda _: None,
+                 job: Job | None = None) -> dict:
         """Score a stored video against a stored reference set with the paper's metrics (§5.2); keep the scores.
 
         The prompt and identity token come from the video's run record, the class word from the set.
         The metric models load once per `MetricModels` and are reused.
         """
-        from .evaluate import Scorer, evaluate_video
+        from .evaluate import evaluate_video
 
-        path = self.video_path(video)
-        settings = self.video_settings(video)
-        images, record = self.reference_set(reference_set)
-        metric_models.check()
-        ids = settings.get("models", {}).get("identities", [])
-        token = ids[0]["token"] if ids else None
+        with self._job(job) as job:
+            path = self.video_path(video)
+            settings = self.video_settings(video)
+            images, record = self.reference_set(reference_set)
+            metric_models.check()
+            ids = settings.get("models", {}).get("identities", [])
+            token = ids[0]["token"] if ids else None
 
         def work(check: Callable[[], None]) -> dict:
-            if metric_models not in self._scorers:
-                report({"stage": "loading the metric models"})
-                self._scorers[metric_models] = Scorer(metric_models, device=self.device)
+            report({"stage": "loading the metric models"})
+            scorer = self.runner.scorer(metric_models)
             check()
             report({"stage": "scoring"})
             row = evaluate_video(path, images[0].parent, video_prompt(settings), token=token,
-                                 class_word=record["class_word"], scorer=self._scorers[metric_models])
+                                 class_word=record["class_word"], scorer=scorer)
             scores = {"video": video, "reference_set": reference_set, "metric_models": asdict(metric_models), **row}
             _atomic_json(self.metrics_path(video), scores)
             return scores
 
-        return self.run_job(work)
+        return self.run_job(work, report, job)
 
     def metrics_path(self, video: str) -> Path:
         return self.video_path(video).with_name(f"{self.video_path(video).name}.metrics.json")
@@ -468,9 +686,10 @@ def video_prompt(settings: dict) -> str:
     return settings.get("prompt") or (settings.get("prompt_at") or {}).get("0", "")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:24] or "id"
+def _slug(text: str, length: int = 24, empty: str = "id") -> str:
+    return re.sub(r"[^a-z0-9]+", "-", (text or "").lower()).strip("-")[:length].strip("-") or empty
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
