@@ -158,7 +158,9 @@ class Scorer:
 
         models.check()
         self.models = models
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .models import pick_device
+
+        self.device = pick_device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         # backend="pil": the torchvision-free processors, identical resize/crop/normalise
         self.clip = _load(CLIPModel, "--clip-model", models.clip, dtype=dtype).to(self.device).eval()

@@ -37,17 +37,20 @@ class IdentityInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: str | Path) -> "IdentityInfo":
-        if meta.get("format") != FORMAT or "token" not in meta:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("token"), str):
             raise ValueError(f"identity {str(path)!r} is not a magicme identity file (no token in its metadata)")
-        return cls(
-            token=meta["token"],
-            class_word=meta.get("class_word", ""),
-            num_vectors=int(meta.get("num_vectors", 0)),
-            base=meta.get("base", ""),
-            steps=int(meta.get("steps", 0)),
-            hidden_size=int(meta.get("hidden_size", 0)),
-            masked=meta.get("masked", "True") == "True",
-        )
+        try:
+            return cls(
+                token=meta["token"],
+                class_word=str(meta.get("class_word", "")),
+                num_vectors=int(meta.get("num_vectors", 0)),
+                base=str(meta.get("base", "")),
+                steps=int(meta.get("steps", 0)),
+                hidden_size=int(meta.get("hidden_size", 0)),
+                masked=meta.get("masked", "True") == "True",
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"identity {str(path)!r} has malformed metadata ({e})") from None
 
 
 def save_identity(path: str | Path, embeddings: torch.Tensor, info: IdentityInfo) -> Path:
@@ -83,18 +86,38 @@ def read_identity_info(path: str | Path) -> IdentityInfo:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             keys = list(f.keys())
+            shape = tuple(f.get_slice(EMBEDDING_KEY).get_shape()) if keys == [EMBEDDING_KEY] else ()
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"--identity {str(path)!r} is not a readable .safetensors file ({e})") from None
     if keys != [EMBEDDING_KEY]:
         raise ValueError(f"--identity {str(path)!r} holds {keys}, expected one tensor {EMBEDDING_KEY!r}")
-    return IdentityInfo.from_metadata(meta, path)
+    info = IdentityInfo.from_metadata(meta, path)
+    check_embedding_shape(shape, info, path)
+    return info
+
+
+def check_embedding_shape(shape: tuple[int, ...], info: IdentityInfo, path: str | Path) -> None:
+    """The tensor must hold exactly the vectors the metadata claims, each as wide as it says."""
+    if len(shape) != 2 or shape[0] < 1 or shape[0] != info.num_vectors or (info.hidden_size and shape[1] != info.hidden_size):
+        raise ValueError(
+            f"--identity {str(path)!r}: its metadata claims {info.num_vectors} vectors of width {info.hidden_size or '?'}, "
+            f"but the tensor is {list(shape)}"
+        )
+
+
+def check_embedding_values(emb: torch.Tensor, path: str | Path) -> None:
+    """NaN or inf vectors would make every frame black: refuse them on load."""
+    if not torch.isfinite(emb).all():
+        raise ValueError(f"--identity {str(path)!r} holds NaN/inf values (a diverged training); retrain it")
 
 
 def read_identity(path: str | Path) -> tuple[torch.Tensor, IdentityInfo]:
     from safetensors.torch import load_file
 
     info = read_identity_info(path)
-    return load_file(str(path))[EMBEDDING_KEY], info
+    emb = load_file(str(path))[EMBEDDING_KEY]
+    check_embedding_values(emb, path)
+    return emb, info
 
 
 def token_pattern(token: str) -> re.Pattern:

@@ -336,12 +336,36 @@ class ModelSpec:
         return str(local) if local.is_dir() else DEFAULT_MOTION_ADAPTER
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` checked to exist on this machine (ValueError naming it otherwise); None: CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {str(device)!r} is not a device; use cpu, cuda, cuda:1, mps …") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {str(device)!r}: magicme runs on {', '.join(DEVICE_TYPES)}")
+    if dev.type == "cpu":
+        return dev
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type)
+    if not backend.is_available():
+        raise ValueError(f"--device {str(device)!r}: no {dev.type.upper()} device on this machine; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {str(device)!r}: this machine has {count} {dev.type} device(s), numbered from 0")
+    return dev
+
+
 def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available)."""
     from diffusers import AnimateDiffPipeline
 
     spec.check()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     dtype = dtype or spec.speed.torch_dtype(device)
     if spec.base == TINY:
         parts = tiny_components()

@@ -14,10 +14,7 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .identity import IdentityInfo, check_resume_compatible, save_identity, token_pattern
-from .models import TINY, ModelSpec, fingerprint, load_base, tiny_components
+from .models import TINY, ModelSpec, fingerprint, load_base, pick_device, tiny_components
+from .outputs import atomic_folder, check_output, check_writable
 from .prepare import AugmentConfig, augment, load_identity_set, read_manifest
 
 log = logging.getLogger(__name__)
@@ -47,6 +45,10 @@ TEMPLATES = (
     "a photo of the large {}",
 )
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+CLIP_CONTEXT = 77  # tokens the CLIP text encoder reads, start and end included
+MAX_BATCH = 1024  # a step's batch is decoded into memory at once: 1024 × 512² × 3 floats = 3 GiB
+MAX_SEED = 2**32 - 1  # seeds are combined with step numbers into 64-bit generator seeds
+CHECKPOINT_FILES = {"identity.safetensors", "state.safetensors", "state.json", "validation.png"}
 
 
 @dataclass
@@ -81,26 +83,32 @@ class TrainConfig:
         """Validate every argument before any model work (ValueError naming the argument)."""
         if not isinstance(self.token, str) or not self.token.strip() or any(c.isspace() for c in self.token):
             raise ValueError(f"--token must be one word without spaces such as '<v*>', got {self.token!r}")
-        for name, value, low in (
-            ("--num-vectors", self.num_vectors, 1),
-            ("--steps", self.steps, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--validation-images", self.validation_images, 0),
-            ("--validation-steps", self.validation_steps, 1),
+        for name, value, low, high in (
+            ("--num-vectors", self.num_vectors, 1, CLIP_CONTEXT - 3),  # start, end and the class word need a place
+            ("--steps", self.steps, 1, None),
+            ("--batch-size", self.batch_size, 1, MAX_BATCH),
+            ("--checkpoint-every", self.checkpoint_every, 0, None),
+            ("--validation-images", self.validation_images, 0, 64),
+            ("--validation-steps", self.validation_steps, 1, 1000),
+            ("--seed", self.seed, 0, MAX_SEED),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+                span = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ValueError(f"{name} must be an integer {span}, got {value!r}")
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or not 1 <= self.micro_batch <= self.batch_size):
             raise ValueError(f"--micro-batch must be in [1, --batch-size], got {self.micro_batch!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
         if not 0 <= self.noise_offset < 1:
             raise ValueError(f"noise_offset must be in [0, 1), got {self.noise_offset!r}")
         if not 0 <= self.full_mask_share <= 1:
             raise ValueError(f"full_mask_share must be in [0, 1], got {self.full_mask_share!r}")
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8):
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.resolution is not None and (
+            not isinstance(self.resolution, int) or not 8 <= self.resolution <= 4096 or self.resolution % 8
+        ):
+            raise ValueError(f"--resolution must be a multiple of 8 in [8, 4096], got {self.resolution!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.class_word is not None and not self.class_word.strip():
@@ -108,10 +116,9 @@ class TrainConfig:
         out = Path(self.out)
         if out.suffix != ".safetensors":
             raise ValueError(f"--out {str(out)!r} must end in .safetensors")
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise FileNotFoundError(f"--out {str(out)!r}: folder {str(parent)!r} does not exist")
         read_manifest(self.data)
+        check_output(out, inputs=[("--data", self.data)] + ([("--resume", self.resume)] if self.resume not in (None, "latest") else []))
+        check_checkpoint_dir(self.checkpoints())
         self.models.check()
 
     def checkpoints(self) -> Path:
@@ -151,10 +158,26 @@ def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
 
 # ---- the extended ID tokens ----
 
+def max_num_vectors(tokenizer, class_word: str) -> int:
+    """How many ID tokens fit the text encoder's context beside the longest training prompt's other words."""
+    from .prepare import CLOSE_WORDS, FAR_WORDS
+
+    others = max(
+        len(tokenizer(f"{t.format(class_word)}, {w}").input_ids) for t in TEMPLATES for w in (*FAR_WORDS, *CLOSE_WORDS)
+    )
+    return tokenizer.model_max_length - others
+
+
 class IdTokens:
     """K trainable token embeddings wired into a frozen CLIP text encoder by a forward hook."""
 
     def __init__(self, tokenizer, text_encoder, token: str, num_vectors: int, class_word: str):
+        limit = max_num_vectors(tokenizer, class_word)
+        if num_vectors > limit:
+            raise ValueError(
+                f"--num-vectors {num_vectors}: at most {limit} ID tokens fit the text encoder's "
+                f"{tokenizer.model_max_length}-token prompts beside 'a photo of a … {class_word}'"
+            )
         vocab = tokenizer.get_vocab()
         self.tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
         # a word of the vocabulary (CLIP stores whole words with "</w>") would be shadowed in every prompt
@@ -388,8 +411,10 @@ class IdTrainer:
 
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"step-{self.step_done:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
-        try:
+        if dest.exists() and not is_checkpoint(dest):
+            raise FileExistsError(f"checkpoint {str(dest)!r} exists and is not a magicme checkpoint; move it away")
+        check_finite_embeddings(self.id_tokens.embeddings, f"checkpoint {str(dest)!r}")
+        with atomic_folder(dest) as tmp:
             save_identity(tmp / "identity.safetensors", self.id_tokens.embeddings, self.identity_info(self.step_done))
             state = self.optimizer.state.get(self.id_tokens.embeddings, {})
             tensors = {"id_embeddings": self.id_tokens.embeddings.detach().cpu().contiguous()}
@@ -399,23 +424,12 @@ class IdTrainer:
             (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             if validation and self.cfg.validation_images:
                 self.validation_frames().save(tmp / "validation.png")
-            os.chmod(tmp, 0o755)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore the ID vectors, AdamW's moments and the step; refuse a checkpoint of another identity/base."""
-        from safetensors.torch import load_file
-
+        record, tensors = read_checkpoint(path)
         record_path = path / "state.json"
-        if not record_path.is_file() or not (path / "state.safetensors").is_file():
-            raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
-        record = json.loads(record_path.read_text())
         saved = IdentityInfo.from_metadata(record["identity"], record_path)
         base = json.loads(json.dumps(fingerprint(self.cfg.models.base)))  # as the record stores it (tuples → lists)
         check_resume_compatible(record_path, saved, self.identity_info(0), record["base"], base)
@@ -423,7 +437,10 @@ class IdTrainer:
         changed = {k: (v, wanted[k]) for k, v in record["settings"].items() if wanted.get(k) != v}
         if changed:
             log.warning("--resume %s: settings differ from the checkpoint's, so the run will not match an uninterrupted one: %s", path, changed)
-        tensors = load_file(str(path / "state.safetensors"))
+        shape = tuple(self.id_tokens.embeddings.shape)
+        bad = [k for k, v in tensors.items() if k != "adamw.step" and tuple(v.shape) != shape]
+        if bad:
+            raise ValueError(f"--resume {str(path)!r}: {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, expected {shape}")
         with torch.no_grad():
             self.id_tokens.embeddings.copy_(tensors["id_embeddings"].to(self.id_tokens.embeddings.device))
         adam = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("adamw.")}
@@ -479,10 +496,67 @@ class TrainResult:
 
 
 def latest_checkpoint(folder: Path) -> Path:
-    found = sorted(p for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+    found = sorted(p for p in folder.glob("step-*") if is_checkpoint(p)) if folder.is_dir() else []
     if not found:
         raise FileNotFoundError(f"--resume: no checkpoint in {str(folder)!r}")
     return found[-1]
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A folder `save_checkpoint` wrote: its state record, and nothing but its own files."""
+    return (
+        path.is_dir() and (path / "state.json").is_file()
+        and all(p.name in CHECKPOINT_FILES for p in path.iterdir())
+    )
+
+
+def check_checkpoint_dir(folder: Path) -> None:
+    """The checkpoint folder must be new, or hold only checkpoints (any step may be rewritten); and be writable."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileExistsError(f"checkpoint folder {str(folder)!r} is a file; move it away or choose another --out")
+        foreign = [p.name for p in folder.glob("step-*") if not is_checkpoint(p)]
+        if foreign:
+            raise FileExistsError(f"checkpoint folder {str(folder)!r} holds {foreign[0]!r}, which is not a magicme checkpoint; move it away")
+        check_writable(folder, "checkpoint folder", folder)
+    elif not folder.parent.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r}: {str(folder.parent)!r} does not exist")
+
+
+def check_finite_embeddings(embeddings: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{what}: the ID vectors are not finite (NaN/inf): training diverged; lower --lr")
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint's state record and tensors, checked; a malformed one is one ValueError naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
+        raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
+    try:
+        record = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        for key, kind in (("step", int), ("identity", dict), ("base", dict), ("settings", dict)):
+            if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+                raise ValueError(f"{key!r} must be a {kind.__name__}")
+        if record["step"] < 1:
+            raise ValueError(f"step {record['step']} is not a step a checkpoint is saved at")
+        IdentityInfo.from_metadata(record["identity"], path / "state.json")
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"--resume {str(path)!r}: state.json is malformed ({e})") from None
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"--resume {str(path)!r}: state.safetensors is not readable ({str(e).splitlines()[0]})") from None
+    emb = tensors.get("id_embeddings")
+    if emb is None or emb.ndim != 2 or emb.shape[0] != int(record["identity"].get("num_vectors", -1)):
+        raise ValueError(f"--resume {str(path)!r}: state.safetensors holds no ID vectors matching its state.json")
+    if not all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point()):
+        raise ValueError(f"--resume {str(path)!r}: state.safetensors holds NaN/inf values")
+    return record, tensors
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None) -> TrainResult:
@@ -503,7 +577,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         resume = latest_checkpoint(cfg.checkpoints()) if str(cfg.resume) == "latest" else Path(cfg.resume)
         if not resume.is_dir():
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        read_checkpoint(resume)  # a malformed checkpoint fails before any model loads
+    dev = pick_device(device)
     amp = autocast_dtype(dev, cfg.mixed_precision)
     parts = load_training_components(cfg.models, dev, amp or torch.float32)
     resolution = cfg.resolution or native_resolution(parts)
@@ -532,6 +607,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
             print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {saved} (continue with --resume)", file=sys.stderr)
         raise
     bar.close()
+    check_finite_embeddings(trainer.id_tokens.embeddings, f"--out {str(cfg.out)!r}")
     loss_end = trainer.evaluation_loss()
     info = trainer.identity_info(cfg.steps)
     path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
