@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_number, check_seed
 from .identity import check_prompt_tokens, load_identities, read_identity_info
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
 from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
 from .noise_prior import check_gamma, noise_prior
-from .video import check_output_path, output_kind, write_sidecar, write_video
+from .video import check_clip_size, check_output_path, output_kind, write_video
 
 
 @dataclass
@@ -59,14 +60,17 @@ class GenerateConfig:
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+        check_clip_size(self.frames, *self.size(), "--frames/--height/--width")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"--steps must be an integer >= 1, got {self.steps!r}")
-        if self.guidance is not None and not self.guidance >= 0:
-            raise ValueError(f"--guidance must be >= 0, got {self.guidance!r}")
+        if self.guidance is not None:
+            check_number("--guidance", self.guidance, low=0)
         if self.free_init is not None and (not isinstance(self.free_init, int) or self.free_init < 1):
             raise ValueError(f"--free-init must be an integer >= 1 (iterations), got {self.free_init!r}")
         if not self.seeds:
             raise ValueError("--seed needs at least one value")
+        for seed in self.seeds:
+            check_seed(seed)
         self.models.check()
         for prompt in self.jobs_prompts():
             prompt_schedule(prompt, self.prompt_at, self.frames)
@@ -196,7 +200,8 @@ def generate(
     """
     cfg.check()
     cfg = cfg.resolved()
-    paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
+    inputs = [("--identity", p) for p in cfg.identities]
+    paths = [check_output_path(p, inputs=inputs) for p in output_paths(out, cfg.jobs_prompts(), cfg.seeds)]
     height, width = cfg.size()
     windows = cfg.window_plan()
     if pipe is None:
@@ -221,8 +226,7 @@ def generate(
             free_init=cfg.free_init,
             **({"callback_on_step_end": step_callback} if step_callback else {}),
         )
-        write_video(frames, path, fps=cfg.fps)
-        write_sidecar(path, run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
+        write_video(frames, path, fps=cfg.fps, record=run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
     return paths
 
 

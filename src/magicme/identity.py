@@ -8,13 +8,13 @@ expands to `token token_1 … token_{K-1}`, one per vector.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .outputs import atomic_file
 
 EMBEDDING_KEY = "emb_params"
 FORMAT = "magicme.identity/1"
@@ -63,15 +63,8 @@ def save_identity(path: str | Path, embeddings: torch.Tensor, info: IdentityInfo
     emb = embeddings.detach().to("cpu", torch.float32).contiguous()
     if emb.ndim != 2 or emb.shape[0] != info.num_vectors:
         raise ValueError(f"embeddings must be ({info.num_vectors}, hidden), got {tuple(emb.shape)}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        save_file({EMBEDDING_KEY: emb}, tmp, metadata=info.metadata())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({EMBEDDING_KEY: emb}, str(tmp), metadata=info.metadata())
     return path
 
 

@@ -145,14 +145,18 @@ def save_tiny_model(folder: str | Path, preset: TinyPreset = TinyPreset()) -> Pa
     """Write the tiny preset as a stock diffusers Stable Diffusion folder plus `motion_adapter/`."""
     from diffusers import StableDiffusionPipeline
 
+    from .outputs import atomic_folder, check_output
+
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
+    if folder.is_dir() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty; choose a new folder")
+    check_output(folder, arg="DIR", folder=True, owned=lambda p: False, record=False)  # only a new or empty folder
     parts = tiny_components(preset)
     adapter = parts.pop("motion_adapter")
     sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    sd.save_pretrained(folder)
-    adapter.save_pretrained(folder / "motion_adapter")
+    with atomic_folder(folder) as tmp:
+        sd.save_pretrained(tmp)
+        adapter.save_pretrained(tmp / "motion_adapter")
     return folder
 
 

@@ -41,6 +41,30 @@ def has_own_record(path: str | Path) -> bool:
     return isinstance(record, dict) and record.get("output") == Path(path).name and "created" in record
 
 
+def writing_marker(path: str | Path) -> Path:
+    """The hidden marker beside an output that a write of it is under way (or was cut short)."""
+    path = Path(path)
+    return _parent(path) / f"{TEMP_PREFIX}writing.{path.name}"
+
+
+def written_by_magicme(path: str | Path) -> bool:
+    """The default test of `check_output`: the output's own run record, or our marker of a write cut short."""
+    return has_own_record(path) or writing_marker(path).is_file()
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[Path]:
+    """Around the write of an output and then its run record: the marker first and the old record removed,
+    so a record never describes another output than the one beside it. A failed or killed write leaves the
+    marker, and the output stays magicme's to replace; success removes it."""
+    path = Path(path)
+    marker = writing_marker(path)
+    marker.touch()
+    sidecar_path(path).unlink(missing_ok=True)
+    yield path
+    marker.unlink(missing_ok=True)
+
+
 def _parent(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
 
@@ -90,14 +114,15 @@ def check_output(
     *,
     arg: str = "--out",
     folder: bool = False,
-    owned: Callable[[Path], bool] = has_own_record,
+    owned: Callable[[Path], bool] = written_by_magicme,
     inputs: Iterable[tuple[str, str | Path]] = (),
     record: bool = True,
 ) -> Path:
     """Validate an output path before any work (see the module docstring); return it as a Path.
 
     `folder`: the output is a folder (else a file). `owned(path)` says whether an existing output is one
-    magicme wrote (default: its run record names it). `record`: a run record is written beside it too.
+    magicme wrote (default: its run record names it, see `written_by_magicme`). `record`: a run record is
+    written beside it too.
     """
     path = Path(path)
     parent = _parent(path)
@@ -117,13 +142,13 @@ def check_output(
             raise FileExistsError(f"{arg} {str(path)!r} is a file, but a folder is written here; name a new folder")
         if not folder and path.is_dir():
             raise FileExistsError(f"{arg} {str(path)!r} is a folder, but a file is written here; name a new file")
-        if not owned(path):
+        if not owned(path) and not (folder and not any(path.iterdir())):  # an empty folder holds nothing to lose
             raise FileExistsError(
                 f"{arg} {str(path)!r} exists and magicme did not write it (no run record of its own); "
                 "name a new output, or move that one away"
             )
     side = sidecar_path(path)
-    if record and os.path.lexists(side) and not has_own_record(path):
+    if record and os.path.lexists(side) and not has_own_record(path) and not writing_marker(path).is_file():
         raise FileExistsError(f"{arg} {str(path)!r}: {str(side)!r} exists and is not magicme's run record of it; move it away")
     check_writable(parent, arg, path)
     return path

@@ -97,17 +97,20 @@ def load_reference_images(folder: str | Path, max_side: int | None = None) -> li
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ValueError(f"--images {str(folder)!r} is empty; put 1 or more photos of the subject in it")
-    out = []
+    out, skipped = [], []
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
-            log.warning("--images: skipping %r (not a jpg/png/webp image)", str(p))
+            skipped.append(f"{str(p)!r} is not a jpg/png/webp image")
             continue
         try:
             out.append((p, load_image(p, max_side, MIN_SIDE)))
         except ValueError as e:
-            log.warning("skipping: %s", e)
-    if not out:
-        raise ValueError(f"--images {str(folder)!r} holds no readable jpg/png/webp image")
+            skipped.append(str(e))
+    if not out:  # one line: the first reason stands for all
+        raise ValueError(f"--images {str(folder)!r} holds no readable jpg/png/webp photo ({skipped[0]}"
+                         + (f"; and {len(skipped) - 1} more" if len(skipped) > 1 else "") + ")")
+    for reason in skipped:
+        log.warning("--images: skipping: %s", reason)
     stems = [p.stem for p, _ in out]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:

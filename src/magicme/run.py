@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +90,33 @@ def _stage_config_class(stage: str):
     return {"prepare": PrepareConfig, "train": TrainConfig, "generate": GenerateConfig, "face": FaceConfig, "upscale": UpscaleConfig}.get(stage)
 
 
+def check_config_types(data: dict, path: Path) -> dict:
+    """Every key of a run config checked against the type the chain gives it (the stage configs' fields),
+    before any work: one ValueError naming the file and the key. Returns the checked config."""
+    from .checks import check_seed, check_types, check_value
+    from .evaluate import MetricModels
+
+    where = f"--config {str(path)!r}:"
+    out = dict(data)
+    for key in ("images", "class_word", "token", "prompt", "negative_prompt", "work_dir"):
+        if key in data:
+            check_value(data[key], str, f"{where} {key}")
+    if "seed" in data:
+        check_seed(data["seed"], f"{where} seed")
+    if "gamma" in data:
+        out["gamma"] = check_value(data["gamma"], float, f"{where} gamma")
+    for key, cls in (("models", ModelSpec), ("metric_models", MetricModels)):
+        if data.get(key) is not None:
+            out[key] = check_types(cls, data[key], f"{where} {key}")
+    for stage in STAGES:
+        table = data.get(stage)
+        if table is None or table is False:  # False: a skipped stage (refused below for the three that cannot be)
+            continue
+        cls = _stage_config_class(stage) or MetricModels  # evaluate's table holds metric model settings
+        out[stage] = check_types(cls, table, f"{where} [{stage}]")
+    return out
+
+
 def load_chain_config(path: str | Path, **overrides) -> ChainConfig:
     """Read and validate a run config; unknown keys are errors (a typo must not be silently ignored)."""
     path = Path(path)
@@ -99,6 +125,7 @@ def load_chain_config(path: str | Path, **overrides) -> ChainConfig:
     unknown = set(data) - _TOP
     if unknown:
         raise ValueError(f"--config {str(path)!r}: unknown keys {sorted(unknown)}; known: {sorted(_TOP)}")
+    data = check_config_types(data, path)
     for key in ("images", "class_word", "prompt"):
         if not data.get(key):
             raise ValueError(f"--config {str(path)!r}: '{key}' is required")
@@ -188,14 +215,51 @@ def build_stage_configs(cfg: ChainConfig) -> dict[str, Any]:
     if st["evaluate"] is not None:
         configs["evaluate"] = dict(st["evaluate"])
     # Each stage checks its own settings now; the inputs made by earlier stages (prepared set, identity,
-    # videos) do not exist yet, so those are checked when the stage starts (train's settings too).
+    # videos) do not exist yet, so those are checked when the stage starts.
     with tempfile.TemporaryDirectory() as tmp:  # the work folder is not made before the settings pass
         dataclasses.replace(configs["prepare"], out=Path(tmp) / "prepared").check()
+    configs["train"].check_settings()
     for stage in ("generate", "face", "upscale"):
         if stage in configs:
             dataclasses.replace(configs[stage], identities=[]).check()
     check_prompt_tokens([cfg.prompt], [IdentityInfo(token=cfg.token, class_word=cfg.class_word, num_vectors=1)])
     return configs
+
+
+def is_own_metrics(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"video", "prompt", "metric_models", "scores"} <= set(record)
+
+
+def check_work_dir(cfg: ChainConfig, configs: dict[str, Any]) -> None:
+    """Before any work: the work folder can be written, and each stage's output in it is new or one magicme
+    wrote (a rerun replaces only those); the prepared set is not the photos' folder."""
+    from .outputs import check_not_input, check_output, check_writable, has_own_record
+    from .prepare import is_prepared_folder
+    from .train import check_checkpoint_dir
+    from .video import is_own_video
+
+    w = cfg.work_dir
+    check_not_input(w / OUTPUTS["prepare"], [("images", cfg.images)], "work_dir prepared/")
+    if not w.exists():
+        return check_writable(next(p for p in w.parents if p.exists()), "work_dir", w)
+    if not w.is_dir():
+        raise FileExistsError(f"work_dir {str(w)!r} is a file; name a folder")
+    kinds = {  # stage: (a folder, a run record beside it, who wrote it)
+        "prepare": (True, False, is_prepared_folder),
+        "train": (False, True, has_own_record),
+        "generate": (False, True, is_own_video),
+        "face": (False, True, is_own_video),
+        "upscale": (False, True, is_own_video),
+        "evaluate": (False, False, is_own_metrics),
+    }
+    for stage in configs:
+        folder, record, owned = kinds[stage]
+        check_output(w / OUTPUTS[stage], arg=f"work_dir {stage} output", folder=folder, record=record, owned=owned)
+    check_checkpoint_dir(configs["train"].checkpoints())
 
 
 # ---- freshness stamps ----
@@ -238,12 +302,11 @@ def is_fresh(work_dir: Path, stage: str, output: Path, stamp: dict) -> bool:
 
 
 def write_stamp(work_dir: Path, stage: str, stamp: dict) -> None:
+    from .outputs import write_text
+
     path = _stamp_path(work_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stamp.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(stamp, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(stamp, indent=1, sort_keys=True))
 
 
 # ---- the chain ----
@@ -267,6 +330,7 @@ def run_chain(cfg: ChainConfig, *, quiet: bool = False, device: str | None = Non
 
     configs = build_stage_configs(cfg)
     w = cfg.work_dir
+    check_work_dir(cfg, configs)
     w.mkdir(parents=True, exist_ok=True)
     out = {s: w / OUTPUTS[s] for s in STAGES if s in configs}
     pipe = None
@@ -316,10 +380,7 @@ def _evaluate(cfg: ChainConfig, options: dict, video: Path, out: dict[str, Path]
 
     models = MetricModels(**{**cfg.metric_models, **options})
     scores = evaluate_video(video, out["prepare"] / "images", cfg.prompt, identity=out["train"], models=models, device=device)
+    from .outputs import write_text
+
     record = {"video": str(video), "prompt": cfg.prompt, "metric_models": _jsonable(models), "scores": scores}
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=out["evaluate"].parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh, indent=2, default=float)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out["evaluate"])
-    return out["evaluate"]
+    return write_text(out["evaluate"], json.dumps(record, indent=2, default=float))

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import MAX_SEED
 from .identity import IdentityInfo, check_resume_compatible, save_identity, token_pattern
 from .models import TINY, ModelSpec, fingerprint, load_base, pick_device, tiny_components
-from .outputs import atomic_folder, check_output, check_writable
+from .outputs import atomic_folder, check_output, check_writable, writing
 from .prepare import AugmentConfig, augment, load_identity_set, read_manifest
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ TEMPLATES = (
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 CLIP_CONTEXT = 77  # tokens the CLIP text encoder reads, start and end included
 MAX_BATCH = 1024  # a step's batch is decoded into memory at once: 1024 × 512² × 3 floats = 3 GiB
-MAX_SEED = 2**32 - 1  # seeds are combined with step numbers into 64-bit generator seeds
 CHECKPOINT_FILES = {"identity.safetensors", "state.safetensors", "state.json", "validation.png"}
 
 
@@ -80,7 +80,15 @@ class TrainConfig:
     models: ModelSpec = field(default_factory=ModelSpec)
 
     def check(self) -> None:
-        """Validate every argument before any model work (ValueError naming the argument)."""
+        """Validate every argument and the inputs and outputs before any model work (ValueError naming the argument)."""
+        self.check_settings()
+        read_manifest(self.data)
+        check_output(self.out, inputs=[("--data", self.data)] + ([("--resume", self.resume)] if self.resume not in (None, "latest") else []))
+        check_checkpoint_dir(self.checkpoints())
+        self.models.check()
+
+    def check_settings(self) -> None:
+        """The settings alone (no file is read): types, ranges, sizes that fit."""
         if not isinstance(self.token, str) or not self.token.strip() or any(c.isspace() for c in self.token):
             raise ValueError(f"--token must be one word without spaces such as '<v*>', got {self.token!r}")
         for name, value, low, high in (
@@ -113,13 +121,8 @@ class TrainConfig:
             raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.class_word is not None and not self.class_word.strip():
             raise ValueError("--class-word must be a non-empty word")
-        out = Path(self.out)
-        if out.suffix != ".safetensors":
-            raise ValueError(f"--out {str(out)!r} must end in .safetensors")
-        read_manifest(self.data)
-        check_output(out, inputs=[("--data", self.data)] + ([("--resume", self.resume)] if self.resume not in (None, "latest") else []))
-        check_checkpoint_dir(self.checkpoints())
-        self.models.check()
+        if Path(self.out).suffix != ".safetensors":
+            raise ValueError(f"--out {str(self.out)!r} must end in .safetensors")
 
     def checkpoints(self) -> Path:
         out = Path(self.out)
@@ -610,7 +613,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
     check_finite_embeddings(trainer.id_tokens.embeddings, f"--out {str(cfg.out)!r}")
     loss_end = trainer.evaluation_loss()
     info = trainer.identity_info(cfg.steps)
-    path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
     record = {
         "task": "train",
         "identity": info.metadata(),
@@ -622,6 +624,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
     }
-    write_sidecar(path, record)
+    with writing(cfg.out):  # a kill between the two writes leaves no record of another identity
+        path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
+        write_sidecar(path, record)
     trainer.id_tokens.remove()
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from .checks import check_number
 from .esrgan import load_rrdbnet
 from .models import TINY, ModelSpec, TinyPreset, _from_pretrained, fingerprint
 from .v2v import (
@@ -27,10 +28,11 @@ from .v2v import (
     partial_denoise_windows,
     read_input_video,
     resize_frames,
+    stage_inputs,
     stage_record,
     video_pipeline,
 )
-from .video import check_output_path, write_sidecar, write_video
+from .video import check_clip_size, check_output_path, write_video
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,7 @@ class UpscaleConfig:
         check_context(self.context)
         if not isinstance(self.tile_batch, int) or self.tile_batch < 1:
             raise ValueError(f"--tile-batch must be an integer >= 1, got {self.tile_batch!r}")
-        if not self.controlnet_scale >= 0:
-            raise ValueError(f"--controlnet-scale must be >= 0, got {self.controlnet_scale!r}")
+        check_number("--controlnet-scale", self.controlnet_scale, low=0)
         if self.controlnet is not None:
             from .models import _resolve
 
@@ -232,9 +233,10 @@ def tiled_vcd(
     `step_callback` is passed to every denoising call as `callback_on_step_end`.
     """
     cfg.check()
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=stage_inputs(cfg, video) + ([("--upscaler", cfg.upscaler)] if cfg.upscaler else []))
     frames = read_input_video(video)
     cfg.check_frame(*frames.shape[1:3])
+    check_clip_size(len(frames), frames.shape[1] * cfg.scale, frames.shape[2] * cfg.scale, f"--scale {cfg.scale} output")
     tile, overlap = cfg.tile_size(), cfg.overlap_size()
     upscaler = load_rrdbnet(cfg.upscaler) if cfg.upscaler else None  # a bad weight file fails before the big models load
 
@@ -258,7 +260,6 @@ def tiled_vcd(
         )
 
     result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch)
-    write_video(result, out, fps=cfg.fps)
     controlnet_name = cfg.controlnet or (TINY if cfg.models.base == TINY else DEFAULT_CONTROLNET)
     extra = {
         "tile": tile,
@@ -267,5 +268,5 @@ def tiled_vcd(
         "controlnet_model": fingerprint(controlnet_name),
         "upscaler_model": fingerprint(cfg.upscaler) if cfg.upscaler else "lanczos",
     }
-    write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, **extra))
+    write_video(result, out, fps=cfg.fps, record=stage_record("upscale", cfg, video, frames.shape, **extra))
     return out

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_number, check_seed
 from .generate import check_gamma_arg
 from .identity import check_prompt_tokens, load_identities, read_identity_info
 from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
 from .noise_prior import correlate_frames
-from .video import check_output_path, read_video, write_sidecar, write_video
+from .video import check_output_path, read_video, write_video
 
 
 def check_strength(strength: float, name: str = "--strength") -> float:
@@ -219,10 +220,15 @@ def check_common(cfg) -> None:
     check_gamma_arg(cfg.gamma)
     if not isinstance(cfg.fps, int) or cfg.fps < 1:
         raise ValueError(f"--fps must be an integer >= 1, got {cfg.fps!r}")
-    if not cfg.guidance >= 0:
-        raise ValueError(f"--guidance must be >= 0, got {cfg.guidance!r}")
+    check_number("--guidance", cfg.guidance, low=0)
+    check_seed(cfg.seed)
     cfg.models.check()
     check_prompt_tokens([cfg.prompt], [read_identity_info(p) for p in cfg.identities])
+
+
+def stage_inputs(cfg, video: str | Path) -> list[tuple[str, str | Path]]:
+    """What a V2V stage reads, which its output must not be or hold: the clip and the identity files."""
+    return [("--video", video)] + [("--identity", p) for p in cfg.identities]
 
 
 def model_size(spec: ModelSpec) -> int:
@@ -270,7 +276,7 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
     output has the input's frame count and size.
     """
     cfg.check()
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=stage_inputs(cfg, video))
     frames = read_input_video(video)
     f, h, w, _ = frames.shape
     if h < 8 or w < 8:
@@ -283,8 +289,7 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
         v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
         guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt,
     )[0]
-    write_video(resize_frames(result, h, w), out, fps=cfg.fps)
-    write_sidecar(out, stage_record("v2v", cfg, video, frames.shape))
+    write_video(resize_frames(result, h, w), out, fps=cfg.fps, record=stage_record("v2v", cfg, video, frames.shape))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .outputs import atomic_file, atomic_folder, check_output, has_own_record, sidecar_path, write_text
+from .outputs import atomic_file, atomic_folder, check_output, sidecar_path, write_text, writing, written_by_magicme
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -47,7 +47,7 @@ def is_frames_folder(path: Path) -> bool:
 
 def is_own_video(path: Path) -> bool:
     """An existing video output magicme wrote: its run record names it (and a frames folder holds only frames)."""
-    return has_own_record(path) and (path.is_file() or is_frames_folder(path))
+    return written_by_magicme(path) and (path.is_file() or is_frames_folder(path))
 
 
 def check_output_path(
@@ -77,29 +77,40 @@ def to_uint8(frames: Any) -> np.ndarray:
     return arr
 
 
-def write_video(frames: Any, path: str | Path, fps: int = 8) -> Path:
+def write_video(frames: Any, path: str | Path, fps: int = 8, record: dict | None = None) -> Path:
     """Write frames to `path` atomically; the suffix picks the format (see `output_kind`).
 
-    A PNG-frames folder replaces an existing one only if that holds nothing but frames.
+    With `record`, its run record is written after it (`write_sidecar`), under `outputs.writing` so that
+    a kill in between never leaves a record of another clip. A PNG-frames folder replaces an existing
+    one only if that holds nothing but frames.
     """
     path = Path(path)
     kind = output_kind(path)
     arr = to_uint8(frames)
+    if kind == "frames" and path.exists() and not is_frames_folder(path):
+        raise FileExistsError(f"--out {str(path)!r} holds files other than video frames; name a new folder")
+    if record is None:
+        _write_frames(arr, path, kind, fps)
+        return path
+    with writing(path):
+        _write_frames(arr, path, kind, fps)
+        write_sidecar(path, record)
+    return path
+
+
+def _write_frames(arr: np.ndarray, path: Path, kind: str, fps: int) -> None:
     if kind == "frames":
-        if path.exists() and not is_frames_folder(path):
-            raise FileExistsError(f"--out {str(path)!r} holds files other than video frames; name a new folder")
         from PIL import Image
 
         with atomic_folder(path) as tmp:
             for i, frame in enumerate(arr):
                 Image.fromarray(frame).save(tmp / f"{i:05d}.png")
-        return path
+        return
     with atomic_file(path) as tmp:
         if kind == "mp4":
             _write_mp4(arr, tmp, fps)
         else:
             _write_gif(arr, tmp, fps)
-    return path
 
 
 def _write_mp4(arr: np.ndarray, path: Path, fps: int) -> None:
@@ -167,8 +178,11 @@ def open_image(path: str | Path, what: str, *, max_side: int | None = None, min_
                 upright = ImageOps.exif_transpose(im)
     except Image.DecompressionBombError:
         raise ValueError(f"{what} {str(path)!r} claims too many pixels (a decompression bomb)") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, EOFError) as e:
-        raise ValueError(f"{what} {str(path)!r} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{what} {str(path)!r} is not a readable image (unknown format or corrupt data)") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{what} {str(path)!r} is not a readable image ({reason})") from None
     upright.info["source_size"] = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     if min(upright.size) < min_side:
         raise ValueError(f"{what} {str(path)!r} is {upright.width}×{upright.height} pixels; at least {min_side}×{min_side} is needed")
