@@ -23,7 +23,7 @@ from statistics import NormalDist
 import numpy as np
 
 from .outputs import atomic_file, atomic_folder, check_output, writing, written_by_magicme
-from .suite import read_rows
+from .suite import is_results_file, read_rows
 
 # (row key, the paper's name); Table 1's rows in its order, then ours
 TABLE_ROWS = (
@@ -102,6 +102,8 @@ def load_groups(results: list[str | Path], labels: list[str] | None = None) -> l
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--results {str(path)!r} does not exist")
+        if not is_results_file(path):
+            raise ValueError(f"--results {str(path)!r} is not a results file of 'magicme evaluate-suite'")
         rows = read_rows(path)
         if not rows:
             raise ValueError(f"--results {str(path)!r} holds no rows")
