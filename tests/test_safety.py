@@ -26,9 +26,12 @@ from magicme import outputs
 from magicme.cli import main
 from magicme.identity import IdentityInfo, read_identity, read_identity_info, save_identity
 from magicme.outputs import atomic_folder, check_not_input, check_output, clean_leftovers, leftovers
-from magicme.prepare import PrepareConfig, load_reference_images, prepare_identity_set
+from magicme.prepare import CLOSE_WORDS, FAR_WORDS, PrepareConfig, load_reference_images, prepare_identity_set
 from magicme.segment import SegmenterConfig, grabcut_mask
+from magicme.train import TEMPLATES
 from magicme.video import MAX_DECODE_PIXELS, open_image, read_video, write_video
+
+WORDS = (*FAR_WORDS, *CLOSE_WORDS)
 
 SRC = str(Path(__file__).parents[1] / "src")
 GRABCUT = SegmenterConfig(method="grabcut")
@@ -446,6 +449,72 @@ def test_identity_vectors_must_be_finite_and_as_many_as_claimed(world):
     with pytest.raises(ValueError, match="claims 5 vectors.*\\[2, 32\\]"):
         read_identity_info(world / "lying.safetensors")
     assert read_identity(world / "id.safetensors")[0].shape == (2, 32)
+
+
+def test_num_vectors_must_fit_the_77_token_prompt():
+    from magicme.tokenizer import tiny_clip_tokenizer
+    from magicme.train import IdTokens, TrainConfig, max_num_vectors
+
+    tok = tiny_clip_tokenizer()
+    limit = max_num_vectors(tok, "teddy bear")
+    longest = max(len(tok(f"{t.format('teddy bear')}, {w}").input_ids) for t in TEMPLATES for w in WORDS)
+    assert limit == 77 - longest and 50 < limit < 74
+    with pytest.raises(ValueError, match=f"at most {limit} ID tokens"):
+        IdTokens(tok, None, "<v*>", limit + 1, "teddy bear")  # refused before the text encoder is touched
+    with pytest.raises(ValueError, match=r"--num-vectors must be an integer in \[1, 74\]"):
+        TrainConfig(data="x", num_vectors=1_000_000).check_settings()
+
+
+def test_malformed_checkpoints_are_one_error_naming_them(tmp_path):
+    from safetensors.torch import save_file
+
+    from magicme.train import read_checkpoint
+
+    ok = {"step": 2, "identity": IdentityInfo("<v*>", "toy", 2, hidden_size=32).metadata(), "base": {}, "settings": {}}
+    cases = {
+        "not-json": ("{", {"id_embeddings": torch.zeros(2, 32)}, "malformed"),
+        "no-step": (json.dumps({**ok, "step": None}), {"id_embeddings": torch.zeros(2, 32)}, "'step'"),
+        "bad-meta": (json.dumps({**ok, "identity": {**ok["identity"], "num_vectors": "many"}}), {"id_embeddings": torch.zeros(2, 32)}, "malformed"),
+        "nan": (json.dumps(ok), {"id_embeddings": torch.full((2, 32), float("nan"))}, "NaN"),
+        "short": (json.dumps(ok), {"id_embeddings": torch.zeros(1, 32)}, "no ID vectors matching"),
+        "garbage": (json.dumps(ok), None, "not readable"),
+    }
+    for name, (record, tensors, needle) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "state.json").write_text(record)
+        if tensors is None:
+            (folder / "state.safetensors").write_bytes(b"garbage")
+        else:
+            save_file(tensors, str(folder / "state.safetensors"))
+        with pytest.raises(ValueError, match=needle) as e:
+            read_checkpoint(folder)
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_tables_are_checked_by_their_dataclass_types():
+    from magicme.checks import check_types
+    from magicme.generate import GenerateConfig
+    from magicme.train import TrainConfig
+
+    assert check_types(TrainConfig, {"lr": "1e-3", "augment": {"zoom": [1.2, 1.3]}}, "[train]") == {
+        "lr": 0.001, "augment": {"zoom": (1.2, 1.3)}}  # PyYAML reads 1e-3 as a string
+    for table, words in (({"steps": "abc"}, "steps must be an integer"), ({"lr": float("inf")}, "lr must be a finite number"),
+                         ({"masked": 1}, "masked must be true or false"), ({"augment": {"zoom": [1]}}, "a list of 2 finite numbers"),
+                         ({"micro_batch": 2.5}, "an integer or null"), ({"colour": "red"}, "does not take")):
+        with pytest.raises(ValueError, match=words):
+            check_types(TrainConfig, table, "[train]")
+    with pytest.raises(ValueError, match=r"prompt_at key must be an integer"):
+        check_types(GenerateConfig, {"prompt_at": {"soon": "a dog"}}, "[generate]")
+
+
+def test_devices_that_are_not_here_are_refused():
+    from magicme.models import pick_device
+
+    assert pick_device("cpu").type == "cpu" and pick_device(None).type in ("cpu", "cuda")
+    for name in ("cuda:99", "toaster", "meta"):
+        with pytest.raises(ValueError, match="--device"):
+            pick_device(name)
 
 
 # ---- the table: every sub-command, bad input → exit 2, one line naming it, nothing changed ------

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .checks import check_value, safe_name
 from .evaluate import MetricModels, load_reference_images
 from .identity import IdentityInfo, check_prompt_tokens, read_identity_info
 from .models import ModelSpec, fingerprint
@@ -194,8 +195,6 @@ def _check_types(doc: dict, path: Path) -> dict:
     """Every top-level value checked against the field that will hold it, before any model loads."""
     import typing
 
-    from .checks import check_value
-
     hints = {k: typing.get_type_hints(SuiteConfig)[k] for k in _PLAIN_KEYS}
     hints["seeds"] = int | list[int]  # one seed or a list
     hints |= {k: typing.get_type_hints(ModelSpec)[v] for k, v in _MODEL_KEYS.items()}
@@ -206,8 +205,6 @@ def _check_types(doc: dict, path: Path) -> dict:
 def _subject(entry, i: int, root: Path, path: Path) -> Subject:
     if not isinstance(entry, dict):
         raise ValueError(f"--subjects {str(path)!r}: subject #{i + 1} must be a mapping")
-    from .checks import check_value, safe_name
-
     unknown = sorted(set(entry) - _SUBJECT_KEYS)
     missing = sorted({"identity", "references", "prompts"} - set(entry))
     name = entry.get("name") or f"subject{i + 1}"
