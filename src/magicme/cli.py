@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-MAX_SEED = 2**32 - 1  # as magicme.checks.MAX_SEED (not imported here: `--help` stays light)
+from .checks import MAX_SEED  # standard library only: `--help` stays light
 
 
 class OneLineParser(argparse.ArgumentParser):
