@@ -514,7 +514,7 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def check_checkpoint_dir(folder: Path) -> None:
-    """The checkpoint folder must be new, or hold only checkpoints (any step may be rewritten); and be writable."""
+    """The checkpoint folder must be new, or hold only checkpoints (any step may be rewritten), and be writable."""
     if folder.exists():
         if not folder.is_dir():
             raise FileExistsError(f"checkpoint folder {str(folder)!r} is a file; move it away or choose another --out")
@@ -522,8 +522,11 @@ def check_checkpoint_dir(folder: Path) -> None:
         if foreign:
             raise FileExistsError(f"checkpoint folder {str(folder)!r} holds {foreign[0]!r}, which is not a magicme checkpoint; move it away")
         check_writable(folder, "checkpoint folder", folder)
-    elif not folder.parent.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(folder)!r}: {str(folder.parent)!r} does not exist")
+    else:  # made with its parents when the first checkpoint is saved
+        above = next(p for p in folder.parents if p.exists())
+        if not above.is_dir():
+            raise FileExistsError(f"checkpoint folder {str(folder)!r}: {str(above)!r} is a file")
+        check_writable(above, "checkpoint folder", folder)
 
 
 def check_finite_embeddings(embeddings: torch.Tensor, what: str) -> None:
