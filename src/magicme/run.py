@@ -237,7 +237,7 @@ def is_own_metrics(path: Path) -> bool:
 def check_work_dir(cfg: ChainConfig, configs: dict[str, Any]) -> None:
     """Before any work: the work folder can be written, and each stage's output in it is new or one magicme
     wrote (a rerun replaces only those); the prepared set is not the photos' folder."""
-    from .outputs import check_not_input, check_output, check_writable, has_own_record
+    from .outputs import check_not_input, check_output, check_writable, written_by_magicme
     from .prepare import is_prepared_folder
     from .train import check_checkpoint_dir
     from .video import is_own_video
@@ -250,7 +250,7 @@ def check_work_dir(cfg: ChainConfig, configs: dict[str, Any]) -> None:
         raise FileExistsError(f"work_dir {str(w)!r} is a file; name a folder")
     kinds = {  # stage: (a folder, a run record beside it, who wrote it)
         "prepare": (True, False, is_prepared_folder),
-        "train": (False, True, has_own_record),
+        "train": (False, True, written_by_magicme),
         "generate": (False, True, is_own_video),
         "face": (False, True, is_own_video),
         "upscale": (False, True, is_own_video),
