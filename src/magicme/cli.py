@@ -459,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or an argument error (one line, already printed)
+        return e.code if isinstance(e.code, int) else 2
     # the libraries' notices (torchvision fallbacks, embedding resizes, dtype casts) are not the user's concern;
     # magicme's own warnings still print. Set in main, not at import, and only where the user chose no level.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
