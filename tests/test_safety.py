@@ -126,7 +126,7 @@ def world(tmp_path_factory):
     (w / "docs" / "notmine.safetensors").write_bytes(b"the user's own weights")
     (w / "plainfile").write_text("a file where a folder is meant")
     (w / "userwork").mkdir()
-    (w / "userwork" / "t2v.mp4").write_bytes(b"a user's clip that happens to be named like ours")
+    (w / "userwork" / "t2v_s0.mp4").write_bytes(b"a user's clip that happens to be named like ours")
     for name, maker in (("bombs", lambda d: bomb_png(d / "bomb.png", 100_000, 100_000)),
                         ("big", lambda d: bomb_png(d / "big.png", 12_000, 12_000)),
                         ("tiny", lambda d: Image.new("RGB", (1, 1)).save(d / "dot.png")),
@@ -493,19 +493,24 @@ def test_malformed_checkpoints_are_one_error_naming_them(tmp_path):
 
 
 def test_config_tables_are_checked_by_their_dataclass_types():
-    from magicme.checks import check_types
+    import typing
+
     from magicme.generate import GenerateConfig
+    from magicme.records import build_config, check_value
     from magicme.train import TrainConfig
 
-    assert check_types(TrainConfig, {"lr": "1e-3", "augment": {"zoom": [1.2, 1.3]}}, "[train]") == {
-        "lr": 0.001, "augment": {"zoom": (1.2, 1.3)}}  # PyYAML reads 1e-3 as a string
-    for table, words in (({"steps": "abc"}, "steps must be an integer"), ({"lr": float("inf")}, "lr must be a finite number"),
-                         ({"masked": 1}, "masked must be true or false"), ({"augment": {"zoom": [1]}}, "a list of 2 finite numbers"),
-                         ({"micro_batch": 2.5}, "an integer or null"), ({"colour": "red"}, "does not take")):
+    hints = typing.get_type_hints(TrainConfig)
+    assert check_value("1e-3", hints["lr"], "train.lr") == 0.001  # PyYAML reads 1e-3 as a string
+    assert check_value({"zoom": [1.2, 1.3]}, hints["augment"], "train.augment").zoom == (1.2, 1.3)
+    for key, value, words in (("steps", "abc", "steps must be an integer"), ("lr", float("inf"), "lr must be a finite number"),
+                              ("lr", float("nan"), "lr must be a finite number"), ("masked", 1, "masked must be true or false"),
+                              ("augment", {"zoom": [1]}, "a list of 2 values"), ("micro_batch", 2.5, "an integer or null")):
         with pytest.raises(ValueError, match=words):
-            check_types(TrainConfig, table, "[train]")
+            check_value(value, hints[key], f"train.{key}")
+    with pytest.raises(ValueError, match="does not take"):
+        build_config(TrainConfig, {"colour": "red"}, "train")
     with pytest.raises(ValueError, match=r"prompt_at key must be an integer"):
-        check_types(GenerateConfig, {"prompt_at": {"soon": "a dog"}}, "[generate]")
+        check_value({"soon": "a dog"}, typing.get_type_hints(GenerateConfig)["prompt_at"], "generate.prompt_at")
 
 
 def test_devices_that_are_not_here_are_refused():
@@ -628,7 +633,7 @@ CASES = [
         ("r_resolution", "resolution"), ("r_frames", "frames"), ("r_masked", "masked"), ("r_lr", "lr"),
         ("r_face", "margin"), ("r_height", "limit"), ("r_prompt", "prompt"), ("r_images_in_out", "images"),
     )],
-    (["run", "--config", "run.yaml", "--work-dir", "userwork"], "t2v.mp4"),
+    (["run", "--config", "run.yaml", "--work-dir", "userwork"], "t2v_s0.mp4"),
     (["run", "--config", "run.yaml", "--work-dir", "plainfile"], "is a file"),
     (["run", "--config", "run.yaml", "--work-dir", "{ro}/w"], "not writable"),
     (["run", "--config", "run.yaml", "--device", "cuda:99"], "--device"),
@@ -638,9 +643,22 @@ CASES = [
     (["tiny-model", "save", "plainfile"], "is a file"),
     (["tiny-model", "save", "{ro}/m"], "not writable"),
     (["tiny-model", "save", "nowhere/m"], "does not exist"),
-    (["demo", "--out-dir", "docs"], "not an earlier demo"),
-    (["demo", "--out-dir", "plainfile"], "is a file"),
-    (["demo", "--out-dir", "{ro}/demo"], "not writable"),
+    (["demo", "--work-dir", "docs"], "not an earlier demo"),
+    (["demo", "--work-dir", "plainfile"], "is a file"),
+    (["demo", "--work-dir", "{ro}/demo"], "not writable"),
+    # identity
+    (["identity", "info", "nope.safetensors"], "nope.safetensors"),
+    (["identity", "info", "garbage.mp4"], "garbage.mp4"),
+    (["identity", "info", "lying.safetensors"], "lying.safetensors"),
+    (["identity", "convert", "id.safetensors", "docs/notmine.safetensors"], "notmine.safetensors"),
+    (["identity", "convert", "id.safetensors", "{ro}/x.safetensors"], "not writable"),
+    (["identity", "convert", "id.safetensors", "nowhere/x.safetensors"], "does not exist"),
+    # --from-record and the model flags
+    (["generate", "--from-record", "user.jsonl"], "user.jsonl"),
+    (["v2v", "--from-record", "nope.json"], "nope.json"),
+    (GEN + ["--clip-skip", "abc"], "--clip-skip"),
+    (GEN + ["--lora", "missing.safetensors"], "missing.safetensors"),
+    (TRAIN + ["--lora-rank", "x"], "--lora-rank"),
     (["ui", "--port", "abc"], "--port"),
     (["ui", "--port", "70000"], "--port"),
     (["ui", "--device", "cuda:99"], "--device"),

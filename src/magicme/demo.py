@@ -70,12 +70,12 @@ def demo_config_text() -> str:
         "work_dir": ".",
         "models": {"base": "tiny"},
         "prepare": {"resolution": 128, "segmenter": {"method": "grabcut"}},
-        "train": {"steps": 30, "batch_size": 2, "lr": 1e-2, "checkpoint_every": 15, "validation_steps": 5},
-        "generate": {"frames": 16, "steps": 25},
+        "train": {"steps": 30, "batch_size": 2, "lr": 1e-2, "checkpoint_every": 15, "validation_steps": 5, "seed": 0},
+        "generate": {"frames": 16, "steps": 25, "seeds": [42]},
         "face": {"steps": 10},
         "upscale": {"scale": 2, "steps": 10},
         "evaluate": {},
-        "metric_models": {"clip": "metric_models/clip", "dino": "metric_models/dino"},
+        "metric_models": {"clip": "tiny", "dino": "tiny"},  # random tiny CLIP/DINO, built offline: the real ones need the hub
     }
     return yaml.safe_dump(config, sort_keys=False)
 
@@ -97,21 +97,21 @@ def check_demo_dir(out_dir: Path) -> None:
 
     if not out_dir.exists():
         if not out_dir.parent.is_dir():
-            raise FileNotFoundError(f"--out-dir {str(out_dir)!r}: folder {str(out_dir.parent)!r} does not exist")
-        return check_writable(out_dir.parent, "--out-dir", out_dir)
+            raise FileNotFoundError(f"--work-dir {str(out_dir)!r}: folder {str(out_dir.parent)!r} does not exist")
+        return check_writable(out_dir.parent, "--work-dir", out_dir)
     if not out_dir.is_dir():
-        raise FileExistsError(f"--out-dir {str(out_dir)!r} is a file; name a new folder")
+        raise FileExistsError(f"--work-dir {str(out_dir)!r} is a file; name a new folder")
     config = out_dir / "magicme-run.yaml"
     ours = config.is_file() and config.read_text(encoding="utf-8", errors="replace") == demo_config_text()
     if any(out_dir.iterdir()) and not ours:
-        raise FileExistsError(f"--out-dir {str(out_dir)!r} is not empty and is not an earlier demo's folder; name a new folder")
-    check_writable(out_dir, "--out-dir", out_dir)
+        raise FileExistsError(f"--work-dir {str(out_dir)!r} is not empty and is not an earlier demo's folder; name a new folder")
+    check_writable(out_dir, "--work-dir", out_dir)
 
 
-def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False) -> list[Path]:
+def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False) :
     """The whole chain (prepare → train → generate → face → upscale → evaluate) on the tiny preset in `out_dir`.
 
-    A rerun skips every stage that is up to date. Returns the outputs, in stage order.
+    A rerun skips every stage that is up to date. Returns the chain's `run.ChainResult` (outputs, stage times).
     """
     from .run import load_chain_config, run_chain
 
@@ -120,5 +120,4 @@ def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False) -> list[Path
     out_dir.mkdir(exist_ok=True)
     write_sample_identity(out_dir / "sample_identity")
     config = write_demo_config(out_dir)
-    result = run_chain(load_chain_config(config), quiet=quiet, log=(lambda m: None) if quiet else print)
-    return list(result.outputs.values())
+    return run_chain(load_chain_config(config), quiet=quiet, log=(lambda m: None) if quiet else print)

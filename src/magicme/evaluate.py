@@ -1,7 +1,9 @@
 """The paper's video metrics (§5.2): identity alignment, text alignment and temporal smoothness.
 
 - CLIP-I / DINO: mean cosine similarity between every generated frame and every reference image,
-  in CLIP image-embedding space / DINO ViT-S/16 CLS-feature space.
+  in CLIP image-embedding space / DINO ViT-S/16 CLS-feature space. DINO sees its own evaluation
+  transform (Resize 256 bicubic → CenterCrop 224 → ImageNet mean/std), as DreamBooth's and Custom
+  Diffusion's DINO scores do; CLIP sees its processor's (the paper's CLIP-I/CLIP-T).
 - CLIP-T: mean CLIP text–image similarity of each frame with its prompt, the identity token
   replaced by the class word (the metric models do not know the token).
 - Temporal consistency: mean CLIP and DINO similarity of consecutive frames.
@@ -27,7 +29,10 @@ from .video import IMAGE_SUFFIXES, open_image, to_uint8
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # §5.2 CLIP-I / CLIP-T
 DEFAULT_DINO = "facebook/dino-vits16"  # §5.2 DINO (ViT-S/16)
+TINY = "tiny"  # the random-weight test models, built offline (tiny_metric_components)
 METRICS = ("dino", "clip_i", "clip_t", "temporal_dino", "temporal_clip")  # Table 1's rows, in its order
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's input normalisation (facebookresearch/dino, eval_linear.py)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---- the math: pure functions on embeddings ---------------------------------------------------
@@ -85,14 +90,39 @@ def scoring_prompt(prompt: str, token: str, class_word: str) -> str:
     """The prompt CLIP-T scores: the identity token replaced by the class word (§5.2).
 
     'a <v*> dog on the beach' → 'a dog on the beach' (a class word right after the token is
-    kept once, not doubled); 'photo of <v*>' → 'photo of dog'.
+    kept once, not doubled, in any case: 'a <v*> Dog' → 'a Dog'); 'photo of <v*>' → 'photo of dog'.
     """
     if not class_word.strip():
         raise ValueError(f"--class-word is needed to score the prompt {prompt!r} (it holds the token {token!r})")
     pat = token_pattern(token)
-    followed = re.compile(pat.pattern + rf"\s+(?={re.escape(class_word)}\b)")
+    followed = re.compile(pat.pattern + rf"\s+(?=(?i:{re.escape(class_word.strip())})\b)")
     out = pat.sub(class_word, followed.sub("", prompt))
     return re.sub(r"\s+", " ", out).strip()
+
+
+def dino_pixels(images: Sequence[np.ndarray], crop: int = 224) -> torch.Tensor:
+    """DINO's evaluation transform: Resize(256, bicubic) → CenterCrop(224) → ImageNet mean/std → (N, 3, 224, 224).
+
+    As in facebookresearch/dino's eval_linear.py (torchvision on PIL images), with torchvision's rounding:
+    the shorter side becomes 256 and the longer int(256 · long / short); the crop starts at round((side − 224) / 2).
+    A model made for another input size (`crop`) gets the same 256/224 ratio. images: (H, W, 3) uint8 or [0, 1].
+    """
+    from PIL import Image
+
+    side = round(crop * 256 / 224)
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    out = []
+    for image in images:
+        im = Image.fromarray(to_uint8(np.asarray(image)[None])[0])
+        w, h = im.size
+        if min(w, h) != side:
+            long = int(side * max(w, h) / min(w, h))
+            im = im.resize((side, long) if w <= h else (long, side), Image.Resampling.BICUBIC)
+        w, h = im.size
+        top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+        x = np.asarray(im.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
+        out.append((x - mean) / std)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -100,7 +130,8 @@ def scoring_prompt(prompt: str, token: str, class_word: str) -> str:
 
 @dataclass(frozen=True)
 class MetricModels:
-    """Which models score: any CLIP (e.g. openai/clip-vit-large-patch14) and any ViT/DINOv2 (e.g. facebook/dinov2-small)."""
+    """Which models score: any CLIP (e.g. openai/clip-vit-large-patch14) and any ViT/DINOv2 (e.g. facebook/dinov2-small),
+    by hub id or folder; 'tiny' builds a random-weight test model offline (meaningless scores)."""
 
     clip: str = DEFAULT_CLIP  # §5.2
     dino: str = DEFAULT_DINO  # §5.2
@@ -116,12 +147,17 @@ class MetricModels:
 
 def _load(cls, arg: str, name: str, **kwargs):
     """`cls.from_pretrained(name)` with a missing/unreadable model turned into one clear error."""
+    from .models import weights_hint
+
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(name).expanduser().exists():
+            raise FileNotFoundError(f"{arg} {name!r} could not be loaded ({first}); give a folder saved with save_pretrained") from None
         raise FileNotFoundError(
-            f"{arg} {name!r} could not be loaded ({first}); give a hub id or a folder saved with save_pretrained"
+            f"{arg} {name!r} could not be loaded: {weights_hint(name)}; or '{arg} tiny' for a random-weight test model "
+            "(meaningless scores)"
         ) from None
 
 
@@ -164,26 +200,38 @@ class Scorer:
 
         self.device = pick_device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        # backend="pil": the torchvision-free processors, identical resize/crop/normalise
-        self.clip = _load(CLIPModel, "--clip-model", models.clip, dtype=dtype).to(self.device).eval()
-        self.clip_processor = _load(AutoImageProcessor, "--clip-model", models.clip, backend="pil")
-        self.clip_tokenizer = _load(AutoTokenizer, "--clip-model", models.clip)
-        # DINO ViT checkpoints carry no pooler; we read the CLS token, so don't build a random one
-        extra = {"add_pooling_layer": False} if _load(AutoConfig, "--dino-model", models.dino).model_type == "vit" else {}
-        self.dino = _load(AutoModel, "--dino-model", models.dino, dtype=dtype, **extra).to(self.device).eval()
-        self.dino_processor = _load(AutoImageProcessor, "--dino-model", models.dino, backend="pil")
+        tiny = tiny_metric_components() if TINY in (models.clip, models.dino) else {}
+        if models.clip == TINY:
+            self.clip, self.clip_processor, self.clip_tokenizer = tiny["clip"], tiny["clip_processor"], tiny["clip_tokenizer"]
+        else:  # backend="pil": the torchvision-free processors, identical resize/crop/normalise
+            self.clip = _load(CLIPModel, "--clip-model", models.clip, dtype=dtype)
+            self.clip_processor = _load(AutoImageProcessor, "--clip-model", models.clip, backend="pil")
+            self.clip_tokenizer = _load(AutoTokenizer, "--clip-model", models.clip)
+        if models.dino == TINY:
+            self.dino = tiny["dino"]
+        else:  # DINO ViT checkpoints carry no pooler; we read the CLS token, so don't build a random one
+            dino_config = _load(AutoConfig, "--dino-model", models.dino)
+            extra = {"add_pooling_layer": False} if dino_config.model_type == "vit" else {}
+            self.dino = _load(AutoModel, "--dino-model", models.dino, dtype=dtype, **extra)
+        self.clip = self.clip.to(self.device, dtype).eval()
+        self.dino = self.dino.to(self.device, dtype).eval()
+        # not the hub processor (facebook/dino-vits16's squashes to 224² with mean/std 0.5): DINO's own transform;
+        # DINOv2 interpolates its position embeddings and is evaluated at 224 like DINO
+        self.dino_crop = 224 if self.dino.config.model_type == "dinov2" else int(self.dino.config.image_size)
         self.face = face
         self._references: dict[tuple, dict[str, torch.Tensor | None]] = {}
 
     @torch.no_grad()
     def clip_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, D) CLIP image embeddings (projected), computed in batches of `batch_size`, on the CPU."""
-        return self._batched(images, self.clip_processor, self._clip_forward)
+        return self._batched(images, self._clip_pixels, self._clip_forward)
 
     @torch.no_grad()
     def dino_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, D) DINO features: the CLS token of the last layer (ViT and DINOv2 alike)."""
-        return self._batched(images, self.dino_processor, lambda px: self.dino(pixel_values=px).last_hidden_state[:, 0])
+        return self._batched(
+            images, lambda batch: dino_pixels(batch, self.dino_crop), lambda px: self.dino(pixel_values=px).last_hidden_state[:, 0]
+        )
 
     @torch.no_grad()
     def clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -192,18 +240,21 @@ class Scorer:
         out = self.clip.get_text_features(**tok)
         return getattr(out, "pooler_output", out).float().cpu()
 
+    def _clip_pixels(self, images) -> torch.Tensor:
+        return self.clip_processor(images=images, return_tensors="pt")["pixel_values"]
+
     def _clip_forward(self, px: torch.Tensor) -> torch.Tensor:
         out = self.clip.get_image_features(pixel_values=px)
         return getattr(out, "pooler_output", out)  # transformers 5 returns a model output, 4.x a tensor
 
-    def _batched(self, images, processor, forward) -> torch.Tensor:
+    def _batched(self, images, pixels, forward) -> torch.Tensor:
         images = list(images)
         if not images:
             raise ValueError("no images to embed (a video of zero frames?)")
         dtype = next(self.clip.parameters()).dtype
         out = []
         for i in range(0, len(images), self.models.batch_size):
-            px = processor(images=images[i : i + self.models.batch_size], return_tensors="pt")["pixel_values"]
+            px = pixels(images[i : i + self.models.batch_size])
             out.append(forward(px.to(self.device, dtype)).float().cpu())
         return torch.cat(out)
 
@@ -326,16 +377,15 @@ def evaluate_video(video: str | Path, references: str | Path, prompt: str, *, to
     return scorer.score(frames, references, prompt, token=token, class_word=class_word)
 
 
-def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
-    """A tiny random-weight CLIP and DINO (ViT) saved with save_pretrained, for offline tests and benchmarks.
+def tiny_metric_components(seed: int = 0) -> dict:
+    """A tiny random-weight CLIP and DINO (ViT) with their processors and tokenizer, built offline (`--clip-model tiny`).
 
-    Scores from them are meaningless numbers; they run the same by-path loading code as real weights.
+    Scores from them are meaningless numbers; they exercise the scoring code without any download.
     """
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTImageProcessorPil, ViTModel
 
     from .tokenizer import tiny_clip_tokenizer
 
-    folder = Path(folder)
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -349,9 +399,21 @@ def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
         ))
         dino = ViTModel(ViTConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=32, patch_size=8), add_pooling_layer=False)
-    clip.save_pretrained(folder / "clip")
-    tokenizer.save_pretrained(folder / "clip")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder / "clip")
-    dino.save_pretrained(folder / "dino")
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
+    return {
+        "clip": clip.eval(),
+        "clip_tokenizer": tokenizer,
+        "clip_processor": CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        "dino": dino.eval(),
+        "dino_processor": ViTImageProcessorPil(size={"height": 32, "width": 32}),  # for save_pretrained; scoring uses dino_pixels
+    }
+
+
+def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
+    """The tiny metric models (`tiny_metric_components`) saved with save_pretrained: the by-path loading code on them."""
+    folder = Path(folder)
+    parts = tiny_metric_components(seed)
+    for name in ("clip", "clip_tokenizer", "clip_processor"):
+        parts[name].save_pretrained(folder / "clip")
+    for name in ("dino", "dino_processor"):
+        parts[name].save_pretrained(folder / "dino")
     return MetricModels(clip=str(folder / "clip"), dino=str(folder / "dino"))

@@ -21,6 +21,7 @@ import numpy as np
 
 from .checks import check_number
 from .models import ModelSpec, fingerprint
+from .progress import denoising_steps, progress_bar, step_counter
 from .v2v import (
     check_common,
     check_context,
@@ -295,17 +296,21 @@ def face_vcd(
 
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
     v2v_pipe = video_pipeline(pipe)
+    bar = progress_bar(len(tracks) * denoising_steps(cfg.steps, cfg.strength), "face VCD", quiet=quiet)  # one call a track
+    on_step = step_counter(bar, step_callback)
 
     def denoise(clip: np.ndarray, track: int) -> np.ndarray:
+        bar.set_postfix_str(f"face {track + 1}/{len(tracks)} ({len(clip)} frames)")
         return partial_denoise_windows(
             v2v_pipe, clip[None], cfg.prompt, context=cfg.context, seeds=[cfg.seed + 100_003 * track],
             strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
-            negative_prompt=cfg.negative_prompt, step_callback=step_callback,
+            negative_prompt=cfg.negative_prompt, step_callback=on_step,
         )[0]
 
-    result = restore_faces(
-        frames.astype(np.float32) / 255.0, tracks, denoise, size=cfg.size(), margin=cfg.margin,
-        feather=cfg.feather, smooth=cfg.smooth,
-    )
-    write_video(result, out, fps=cfg.fps, record=stage_record("face", cfg, video, frames.shape, **record))
+    with bar:
+        result = restore_faces(
+            frames.astype(np.float32) / 255.0, tracks, denoise, size=cfg.size(), margin=cfg.margin,
+            feather=cfg.feather, smooth=cfg.smooth,
+        )
+    write_video(result, out, fps=cfg.fps, record=stage_record("face", cfg, video, frames.shape, pipe=pipe, **record))
     return out

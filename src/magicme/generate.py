@@ -9,7 +9,6 @@ option to compare against the prior.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,10 +17,15 @@ import numpy as np
 import torch
 
 from .checks import check_number, check_seed
-from .identity import check_prompt_tokens, load_identities, read_identity_info
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info, split_spec
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
-from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
+from .models import (
+    PRESETS, TINY, ModelSpec, check_motion_frames, fingerprint, load_pipeline, native_resolution,
+    scheduler_record,
+)
 from .noise_prior import check_gamma, noise_prior
+from .progress import progress_bar, step_counter
+from .records import absolute_paths, runtime_record, to_jsonable
 from .video import check_clip_size, check_output_path, output_kind, write_video
 
 
@@ -60,7 +64,8 @@ class GenerateConfig:
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
-        check_clip_size(self.frames, *self.size(), "--frames/--height/--width")
+        # a side not given is at least 64 (tiny's native size); checked again once the model says its own
+        check_clip_size(self.frames, self.height or 64, self.width or 64, "--frames/--height/--width")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"--steps must be an integer >= 1, got {self.steps!r}")
         if self.guidance is not None:
@@ -74,7 +79,8 @@ class GenerateConfig:
         self.models.check()
         for prompt in self.jobs_prompts():
             prompt_schedule(prompt, self.prompt_at, self.frames)
-        self.window_plan()
+        plan = self.window_plan()
+        self.models.check_frames(plan.length if plan else self.frames, "--context-length" if plan else "--frames")
         check_prompt_tokens([*self.prompts, *self.prompt_at.values()], [read_identity_info(p) for p in self.identities])
 
     def resolved(self) -> "GenerateConfig":
@@ -95,8 +101,12 @@ class GenerateConfig:
             self.frames, self.context_length, self.context_stride, self.window_weighting, travel=bool(self.prompt_at)
         )
 
-    def size(self) -> tuple[int, int]:
-        native = TinyPreset().resolution if self.models.base == TINY else 512
+    def size(self, pipe=None) -> tuple[int, int]:
+        """(height, width): the given ones, else the base model's native side (UNet sample_size × VAE scale:
+        SD-1.5 512, SD-2 768, tiny 64), read from `pipe` when loaded, else from the base's configs."""
+        if self.height and self.width:
+            return self.height, self.width
+        native = native_resolution(self.models, pipe)
         return self.height or native, self.width or native
 
 
@@ -141,6 +151,9 @@ def generate_video(
     `prompt_at` (frame → prompt) travels between prompts; `windows` (see `long_video.plan_windows`)
     runs FreeNoise windows; `free_init` runs that many FreeInit iterations. None of them: stock AnimateDiff.
     """
+    for text in [prompt, *(prompt_at or {}).values(), negative_prompt]:
+        if text:
+            check_prompt_length(pipe, text)
     if prompt_at:
         prompt = prompt_schedule(prompt, prompt_at, frames)  # FreeNoise blends the prompts between frames
         windows = windows or plan_windows(frames, None, 4, "pyramid", travel=True)
@@ -196,20 +209,30 @@ def generate(
     """Run T2V VCD for every prompt × seed in `cfg`, writing each video and its run record; return the paths.
 
     `step_callback` is the pipeline's `callback_on_step_end` (progress; raising from it stops the run
-    before anything of that clip is written).
+    before anything of that clip is written). A Wan model runs `wan_generate.generate_wan`.
     """
+    if cfg.models.resolved_backbone() == "wan":
+        from .wan_generate import generate_wan
+
+        return generate_wan(cfg, out, pipe=pipe, quiet=quiet, device=device, step_callback=step_callback)
     cfg.check()
     cfg = cfg.resolved()
-    inputs = [("--identity", p) for p in cfg.identities]
+    inputs = [("--identity", split_spec(p)[0]) for p in cfg.identities]
     paths = [check_output_path(p, inputs=inputs) for p in output_paths(out, cfg.jobs_prompts(), cfg.seeds)]
-    height, width = cfg.size()
     windows = cfg.window_plan()
     if pipe is None:
         pipe = load_pipeline(cfg.models, device=device)
+    height, width = cfg.size(pipe)
+    check_clip_size(cfg.frames, height, width, "--frames/--height/--width")
+    check_motion_frames(windows.length if windows else cfg.frames, pipe.unet.config.get("motion_max_seq_length"),
+                        "--context-length" if windows else "--frames")
     load_identities(pipe, cfg.identities)
-    pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
-    jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]
-    for (prompt, seed), path in zip(jobs, paths):
+    pipe.set_progress_bar_config(disable=True)  # one bar over every clip's steps instead of one per clip
+    prompts = cfg.jobs_prompts()
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in cfg.seeds]
+    bar = progress_bar(len(jobs) * cfg.steps * (cfg.free_init or 1), "generate", quiet=quiet)
+    for n, ((i, prompt, seed), path) in enumerate(zip(jobs, paths), 1):
+        bar.set_postfix_str(f"clip {n}/{len(jobs)}, seed {seed}" + (f", prompt {i + 1}" if len(prompts) > 1 else ""))
         frames = generate_video(
             pipe,
             prompt,
@@ -224,9 +247,10 @@ def generate(
             prompt_at=cfg.prompt_at,
             windows=windows,
             free_init=cfg.free_init,
-            **({"callback_on_step_end": step_callback} if step_callback else {}),
+            callback_on_step_end=step_counter(bar, step_callback),
         )
         write_video(frames, path, fps=cfg.fps, record=run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
+    bar.close()
     return paths
 
 
@@ -238,6 +262,7 @@ def run_record(
     spec = cfg.models
     models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset,
               "speed": asdict(spec.speed)}
+    runtime = runtime_record(pipe) if pipe is not None else {}
     if pipe is not None:  # what actually ran, read back from the pipeline
         models["scheduler_config"] = scheduler_record(pipe.scheduler)
     if spec.base != TINY:
@@ -248,12 +273,14 @@ def run_record(
             models["lora"] = {"weights": PRESETS[spec.preset].lora, "scale": PRESETS[spec.preset].lora_scale}
         if spec.base_config:
             models["base_config"] = spec.base_config
-    models["identities"] = [
-        {**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities
-    ]
+    models |= spec.formats_record()
+    models["identities"] = [identity_record(p) for p in cfg.identities]
     skip = ("prompts", "seeds", "models", "height", "width", "identities", "prompt_at")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings}
+    record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings,
+              **runtime}
+    # this clip's request alone, paths absolute: `magicme generate --from-record` rebuilds it
+    record["config"] = to_jsonable(absolute_paths(replace(cfg, prompts=[] if prompt is None else [prompt], seeds=[seed])))
     if cfg.prompt_at:
         record["prompt_at"] = {str(k): v for k, v in prompt_schedule(prompt, cfg.prompt_at, cfg.frames).items()}
     if windows is not None:

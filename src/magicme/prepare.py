@@ -183,9 +183,11 @@ def _user_mask_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None) -> Path:
+def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None, *, quiet: bool = False) -> Path:
     """Write the prepared identity set (see the module docstring) atomically into `cfg.out`; return it."""
     from PIL import Image
+
+    from .progress import progress_bar
 
     cfg.check()
     refs = load_reference_images(cfg.images, load_side(cfg.resolution))
@@ -203,7 +205,12 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None)
         status = f"user masks from {cfg.masks}"
     else:
         segmenter = segmenter or Segmenter(cfg.segmenter)
-        segs = [segmenter(img, class_word) for _, img in refs]
+        segs = []
+        with progress_bar(len(refs), "prepare: subject masks", quiet=quiet, unit="photo") as bar:
+            for path, img in refs:
+                bar.set_postfix_str(path.name)
+                segs.append(segmenter(img, class_word))
+                bar.update(1)
         status = segmenter.status
 
     out = Path(cfg.out)
