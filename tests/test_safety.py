@@ -141,6 +141,7 @@ def world(tmp_path_factory):
     (ckpt / "state.json").write_text('{"step": "one"')
     (ckpt / "state.safetensors").write_bytes(b"garbage")
     (w / "user.jsonl").write_text('{"my": "notes"}\nnot even json\n')
+    (w / "mine.jsonl.lock").write_text("a user's file that happens to end in .lock\n")
     subjects = {"seeds": [0], "frames": 2, "steps": 1, "subjects": [
         {"name": "toy", "identity": "id.safetensors", "references": "photos", "prompts": ["a <v*> toy"]}]}
     (w / "subjects.yaml").write_text(yaml.safe_dump(subjects))
@@ -616,6 +617,7 @@ CASES = [
     (["evaluate-suite", "--subjects", "seeds_abc.yaml", "--results", "r.jsonl"], "seeds"),
     (["evaluate-suite", "--subjects", "frames_many.yaml", "--results", "r.jsonl"], "frames"),
     (["evaluate-suite", "--subjects", "escape.yaml", "--results", "r.jsonl"], "../../x"),
+    (["evaluate-suite", "--subjects", "subjects.yaml", "--results", "mine.jsonl"], "mine.jsonl.lock"),
     (SUITE[:3] + ["--results", "subjects.yaml"], ".jsonl"),
     (SUITE[:3] + ["--results", "{ro}/r.jsonl"], "not writable"),
     (SUITE + ["--gamma", "inf"], "--gamma"),
