@@ -30,6 +30,7 @@ from .v2v import (
     partial_denoise_windows,
     read_input_video,
     resize_frames,
+    size_multiple,
     stage_inputs,
     stage_record,
     video_pipeline,
@@ -251,9 +252,9 @@ class FaceConfig:
                 raise FileNotFoundError(f"--detector {self.detector!r} does not exist")
             if Path(self.detector).suffix.lower() != ".onnx":
                 raise ValueError(f"--detector must be OpenCV's YuNet .onnx model file, got {self.detector!r}")
-        size = self.size()
-        if not isinstance(size, int) or size < 8 or size % 8:
-            raise ValueError(f"--face-size must be a positive multiple of 8, got {size!r}")
+        size, multiple = self.size(), size_multiple(self.models)  # Wan: 16
+        if not isinstance(size, int) or size < multiple or size % multiple:
+            raise ValueError(f"--face-size must be a positive multiple of {multiple}, got {size!r}")
         check_clip_size(1, size, size, "--face-size")
         check_number("--margin", self.margin, low=0, high=10)
         if not 0 < check_number("--feather", self.feather) <= 0.5:
