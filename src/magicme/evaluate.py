@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .identity import token_pattern
-from .video import IMAGE_SUFFIXES, to_uint8
+from .video import IMAGE_SUFFIXES, open_image, to_uint8
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # §5.2 CLIP-I / CLIP-T
 DEFAULT_DINO = "facebook/dino-vits16"  # §5.2 DINO (ViT-S/16)
@@ -162,16 +162,18 @@ def _load(cls, arg: str, name: str, **kwargs):
 
 
 def load_reference_images(folder: str | Path) -> list[np.ndarray]:
-    """The reference photos of a subject: every image file in `folder`, sorted, as (H, W, 3) uint8."""
-    from PIL import Image
+    """The reference photos of a subject: every image file in `folder`, sorted, as (H, W, 3) uint8.
 
+    A corrupt or bomb image is an error naming it (a score must not silently skip a reference); photos
+    larger than 4096 px are downscaled on load (the metric models see 224 px).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--references {str(folder)!r} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise ValueError(f"--references {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    return [np.asarray(open_image(p, "--references: image", max_side=4096).convert("RGB")) for p in files]
 
 
 def _folder_key(folder: Path) -> tuple:
@@ -194,7 +196,9 @@ class Scorer:
 
         models.check()
         self.models = models
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .models import pick_device
+
+        self.device = pick_device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         tiny = tiny_metric_components() if TINY in (models.clip, models.dino) else {}
         if models.clip == TINY:

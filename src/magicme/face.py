@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .checks import check_number
 from .models import ModelSpec, fingerprint
 from .progress import denoising_steps, progress_bar, step_counter
 from .v2v import (
@@ -30,10 +31,11 @@ from .v2v import (
     read_input_video,
     resize_frames,
     size_multiple,
+    stage_inputs,
     stage_record,
     video_pipeline,
 )
-from .video import check_output_path, write_sidecar, write_video
+from .video import check_clip_size, check_output_path, write_video
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +255,11 @@ class FaceConfig:
         size, multiple = self.size(), size_multiple(self.models)  # Wan: 16
         if not isinstance(size, int) or size < multiple or size % multiple:
             raise ValueError(f"--face-size must be a positive multiple of {multiple}, got {size!r}")
-        if not self.margin >= 0:
-            raise ValueError(f"--margin must be >= 0, got {self.margin!r}")
-        if not 0 < self.feather <= 0.5:
+        check_clip_size(1, size, size, "--face-size")
+        check_number("--margin", self.margin, low=0, high=10)
+        if not 0 < check_number("--feather", self.feather) <= 0.5:
             raise ValueError(f"--feather must be in (0, 0.5], got {self.feather!r}")
-        if not self.smooth >= 0:
-            raise ValueError(f"--smooth must be >= 0, got {self.smooth!r}")
+        check_number("--smooth", self.smooth, low=0)
         check_context(self.context)
 
     def size(self) -> int:
@@ -282,7 +283,7 @@ def face_vcd(
     `step_callback` is passed to every denoising call as `callback_on_step_end`.
     """
     cfg.check()
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=stage_inputs(cfg, video))
     frames = read_input_video(video)
     detect = detector or make_detector(cfg.detector)
     tracks = track_faces([detect(f) for f in frames])
@@ -291,8 +292,7 @@ def face_vcd(
         record["detector_model"] = fingerprint(cfg.detector)
     if not tracks:
         log.warning("no face found in %s: the clip is written unchanged", video)
-        write_video(frames, out, fps=cfg.fps)
-        write_sidecar(out, stage_record("face", cfg, video, frames.shape, **record))
+        write_video(frames, out, fps=cfg.fps, record=stage_record("face", cfg, video, frames.shape, **record))
         return out
 
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
@@ -313,6 +313,5 @@ def face_vcd(
             frames.astype(np.float32) / 255.0, tracks, denoise, size=cfg.size(), margin=cfg.margin,
             feather=cfg.feather, smooth=cfg.smooth,
         )
-    write_video(result, out, fps=cfg.fps)
-    write_sidecar(out, stage_record("face", cfg, video, frames.shape, pipe=pipe, **record))
+    write_video(result, out, fps=cfg.fps, record=stage_record("face", cfg, video, frames.shape, pipe=pipe, **record))
     return out

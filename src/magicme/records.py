@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -102,6 +103,8 @@ def check_value(value: Any, hint: Any, name: str) -> Any:
 
     if hint is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan/.inf: black videos, not errors
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -126,7 +129,12 @@ def check_value(value: Any, hint: Any, name: str) -> Any:
             raise bad()
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad()
         return float(value)
     if hint is str:

@@ -130,6 +130,8 @@ def grabcut_mask(image: np.ndarray, class_word: str, face_detector="bundled", it
     import cv2
 
     h, w = image.shape[:2]
+    if min(h, w) < 3:  # OpenCV asserts: GrabCut needs background pixels on every side of its box
+        raise ValueError(f"an image of {w}×{h} pixels is too small for GrabCut (at least 3×3)")
     if face_detector == "bundled":
         face_detector = haar_face_detector() if class_word.lower() in PERSON_WORDS else None
     method, note = "grabcut-center", ""
@@ -170,7 +172,9 @@ class GroundedSam:
         import torch
         from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
 
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .models import pick_device
+
+        device = pick_device(cfg.device)
         loaded = []
         for what, name, model_cls, proc_cls in (
             ("--detector", cfg.detector, GroundingDinoForObjectDetection, AutoProcessor),
@@ -263,30 +267,31 @@ class Segmenter:
         return grabcut_mask(rgb, class_word)
 
 
-def read_user_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+def read_user_mask(path: str | Path, size: tuple[int, int], working_size: tuple[int, int] | None = None) -> np.ndarray:
     """A user's mask image as (H, W) bool: white (> 127) is the subject; its alpha if it has transparency.
 
-    `size` is the reference image's (width, height); a mask of another size is an error naming the file.
+    `size` is the reference photo's (width, height); a mask of another size is an error naming the file.
+    `working_size`: the photo was downscaled on load to this size, and the mask is too.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
+
+    from .video import open_image
 
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"--masks: {str(path)!r} is not a readable image ({e})") from None
-    if im.size != tuple(size):
+    im = open_image(path, "--masks: mask", max_side=max(working_size) if working_size else None)
+    source = im.info["source_size"]
+    if tuple(source) != tuple(size):
         raise ValueError(
-            f"--masks: {str(path)!r} is {im.size[0]}x{im.size[1]} but its image is {size[0]}x{size[1]}; "
+            f"--masks: {str(path)!r} is {source[0]}x{source[1]} but its image is {size[0]}x{size[1]}; "
             "a mask must have its image's size"
         )
     if im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema()[0] < 255:
-        arr = np.asarray(im.getchannel("A"))
+        im = im.getchannel("A")
     else:
-        arr = np.asarray(im.convert("L"))
-    mask = arr > 127
+        im = im.convert("L")
+    if working_size and im.size != tuple(working_size):
+        im = im.resize(tuple(working_size), Image.BILINEAR)
+    mask = np.asarray(im) > 127
     if not mask.any():
         raise ValueError(f"--masks: {str(path)!r} is empty (no white pixels); the subject must be white")
     return mask
