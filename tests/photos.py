@@ -19,6 +19,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 SDIST = "face_recognition-1.3.0.tar.gz"
@@ -69,8 +71,27 @@ def face_recognition_photos() -> dict[str, Path]:
     return {name: folder / name for name in PHOTOS}
 
 
-def load_rgb(path: Path):
-    import numpy as np
+def load_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def pan_zoom_clip(photo: np.ndarray, face_box, frames=12, size=160, start=96.0, end=32.0):
+    """A camera panning across a portrait while zooming out: the face shrinks from `start` to `end` px.
+
+    Returns the frames (F, size, size, 3) uint8 and the known face box of every frame (F, 4).
+    """
+    side = face_box[2] - face_box[0]
+    cx, cy = (face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2
+    out, boxes = [], []
+    for t in range(frames):
+        a = t / (frames - 1)
+        s = (start + (end - start) * a) / side
+        fx, fy = 60 + 50 * a, 80 - 30 * a  # where the face centre lands
+        m = np.float32([[s, 0, fx - s * cx], [0, s, fy - s * cy]])
+        out.append(cv2.warpAffine(photo, m, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT,
+                                  borderValue=(128, 128, 128)))
+        # warpAffine puts pixel centres on integers; our boxes on i + 0.5
+        boxes.append([s * v + m[k % 2, 2] + 0.5 * (1 - s) for k, v in enumerate(face_box)])
+    return np.stack(out), np.asarray(boxes)

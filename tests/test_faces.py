@@ -27,7 +27,7 @@ from magicme.faces import (
 )
 from magicme.models import ModelSpec
 from magicme.video import read_sidecar, read_video, write_video
-from photos import face_recognition_photos, grace_hopper, load_rgb
+from photos import face_recognition_photos, grace_hopper, load_rgb, pan_zoom_clip
 
 DLIB = missing_packages() is None
 needs_dlib = pytest.mark.skipif(not DLIB, reason=f"dlib face models: {missing_packages()}")
@@ -149,26 +149,6 @@ def test_descriptor_distance_below_0_6_for_one_person_above_for_others(photos, f
 
 
 # ---- Face VCD on a real portrait ----------------------------------------------------------------------
-
-
-def pan_zoom_clip(photo: np.ndarray, face_box, frames=12, size=160, start=96.0, end=32.0):
-    """A camera panning across a portrait while zooming out: the face shrinks from `start` to `end` px.
-
-    Returns the frames (F, size, size, 3) uint8 and the known face box of every frame (F, 4).
-    """
-    side = face_box[2] - face_box[0]
-    cx, cy = (face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2
-    out, boxes = [], []
-    for t in range(frames):
-        a = t / (frames - 1)
-        s = (start + (end - start) * a) / side
-        fx, fy = 60 + 50 * a, 80 - 30 * a  # where the face centre lands
-        m = np.float32([[s, 0, fx - s * cx], [0, s, fy - s * cy]])
-        out.append(cv2.warpAffine(photo, m, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT,
-                                  borderValue=(128, 128, 128)))
-        # warpAffine puts pixel centres on integers; our boxes on i + 0.5
-        boxes.append([s * v + m[k % 2, 2] + 0.5 * (1 - s) for k, v in enumerate(face_box)])
-    return np.stack(out), np.asarray(boxes)
 
 
 @needs_dlib
@@ -383,3 +363,23 @@ def test_grabcut_is_seeded_from_the_face_and_its_landmarks(photos):
     assert not seg.mask[:, : seg.box[0]].any() and not seg.mask[:, seg.box[2]:].any()  # nothing outside the body box
     assert seg.mask[400:, 150:400].all()  # her uniform
     assert not seg.mask[40:250, 420:].any()  # the blue wall beside her head (a plain box seed took half of it)
+
+
+@needs_dlib
+def test_face_cli_uses_hog_and_its_track_thresholds(tmp_path, photos, capsys, caplog):
+    from magicme.cli import main
+
+    frames, _ = pan_zoom_clip(load_rgb(photos["grace_hopper.jpg"]), BOXES["grace_hopper.jpg"], frames=4)
+    video = write_video(frames, tmp_path / "in")
+    out = tmp_path / "out"
+    # a track needs a mean HOG score of 5 here: the real face (about 1) is detected but not re-rendered
+    with caplog.at_level("WARNING"):
+        code = main(["face", "--video", str(video), "--prompt", "a woman", "--min-score", "5", "--out", str(out), "--quiet"])
+    assert code == 0 and "1 brief or unsure face track(s), not re-rendered" in caplog.text
+    rec = read_sidecar(out)
+    assert rec["faces"] == 0 and rec["min_track_score"] == 5 and rec["min_track_frames"] == 3
+    assert "HOG" in rec["face_detector"] and "below 5" in rec["tracks"][0]["skipped"]
+    assert all(box is not None for box in rec["tracks"][0]["boxes"])
+    assert np.array_equal(read_video(out), frames)
+    assert main(["face", "--video", str(video), "--prompt", "a woman", "--detector", "yolo", "--out", str(tmp_path / "x")]) == 2
+    assert "--detector must be one of hog, cnn, haar" in capsys.readouterr().err

@@ -402,19 +402,22 @@ class FaceTrack:
 
 
 def _match_cost(a: Box, b: Box, gap: int) -> float | None:
-    """How far box b is from the track's last box a, in face sides per frame elapsed; None if too far or resized."""
+    """How far box b is from the track's last box a, in face sides per frame elapsed; None if too far or resized.
+
+    Two faces side by side are more than a face side apart; one face moves less than that per frame.
+    """
     sa, sb = max(a[2] - a[0], a[3] - a[1]), max(b[2] - b[0], b[3] - b[1])
-    if min(sa, sb) <= 0 or max(sa, sb) / min(sa, sb) > 1.5 ** gap:
+    if min(sa, sb) <= 0 or max(sa, sb) / min(sa, sb) > 2.0**gap:
         return None
     dist = np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2) / ((sa + sb) / 2) / gap
-    return dist if dist <= 0.5 else None
+    return dist if dist <= 0.75 else None
 
 
 def track_faces(detections: Sequence[Sequence], max_gap: int = 3) -> list[FaceTrack]:
     """Link per-frame detections (`Face`s or (x, y, w, h) boxes) into tracks, greedily, nearest first.
 
-    A detection joins an open track when its centre moved less than half a face side per frame since
-    the track was last seen and its size changed less than 1.5× per frame. A face missed for up to
+    A detection joins an open track when its centre moved less than 0.75 face sides per frame since
+    the track was last seen and its size changed less than 2× per frame. A face missed for up to
     `max_gap` frames keeps its track; the missed frames get boxes interpolated linearly (detectors
     flicker; the face has not left). Tracks are sorted by first frame.
     """
