@@ -383,3 +383,26 @@ def test_face_cli_uses_hog_and_its_track_thresholds(tmp_path, photos, capsys, ca
     assert np.array_equal(read_video(out), frames)
     assert main(["face", "--video", str(video), "--prompt", "a woman", "--detector", "yolo", "--out", str(tmp_path / "x")]) == 2
     assert "--detector must be one of hog, cnn, haar" in capsys.readouterr().err
+
+
+@needs_dlib
+def test_suite_scores_faces_of_people_only_and_records_the_face_model(obama_refs, metric_models, tmp_path):
+    import json
+
+    from magicme.suite import load_suite, read_rows, run_suite
+
+    doc = {"seeds": [0], "frames": 2, "steps": 2, "video_format": "gif", "clip_model": metric_models.clip,
+           "dino_model": metric_models.dino,
+           "subjects": [{"name": "him", "identity": "none", "references": str(obama_refs), "class_word": "man",
+                         "prompts": ["a photo of a man"]},
+                        {"name": "dog", "identity": "none", "references": str(obama_refs), "class_word": "dog",
+                         "prompts": ["a photo of a dog"]}]}
+    (tmp_path / "subjects.yaml").write_text(json.dumps(doc))
+    cfg = load_suite(tmp_path / "subjects.yaml")
+    assert cfg.face_score == "auto" and cfg.configuration()["metrics"]["face_models"]["dlib-bin"]
+    run_suite(cfg, tmp_path / "r.jsonl", device="cpu", quiet=True)
+    rows = {r["subject"]: r for r in read_rows(tmp_path / "r.jsonl")}
+    assert rows["him"]["face_coverage"] == 0.0 and rows["him"]["face"] is None  # random weights draw no face
+    assert "face_coverage" not in rows["dog"]
+    with pytest.raises(ValueError, match="--face-score must be one of"):
+        load_suite(tmp_path / "subjects.yaml", face_score="always")

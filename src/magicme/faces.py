@@ -28,8 +28,8 @@ INSTALL_HINT = "pip install 'magicme[faces]'"
 SAME_PERSON_DISTANCE = 0.6  # dlib's threshold on the Euclidean distance of two 128-D descriptors
 DETECTORS = ("hog", "cnn", "haar")  # or the path of a YuNet .onnx file
 # Side in pixels of the smallest face each detector finds at scale 1 (its sliding window): HOG and
-# MMOD look for 80 px faces, the Haar cascade for 24 px, YuNet for about 10 px.
-DETECTOR_WINDOW = {"hog": 80, "cnn": 80, "haar": 24, "yunet": 10}
+# MMOD look for 80 px faces, the Haar cascade for 24 px; YuNet finds faces from about 10 px, 20 to be safe.
+DETECTOR_WINDOW = {"hog": 80, "cnn": 80, "haar": 24, "yunet": 20}
 # Mean detector confidence a track needs before Face VCD re-renders it, on each detector's own scale:
 # HOG's SVM margin and MMOD's confidence are about 0.7–2 on real faces; the Haar cascade's stage
 # weight is 4–10 on faces and below 1 on false detections in our photos; YuNet's is a probability.
@@ -218,7 +218,7 @@ class FaceFinder:
         return self._landmarks is not None
 
     def describe(self) -> str:
-        """What detects, for run records: 'hog (dlib 20.0.1, 5-point landmark boxes)'."""
+        """What detects, for run records: 'dlib HOG, 5-point landmark boxes, min face 24 px'."""
         what = {"hog": "dlib HOG", "cnn": "dlib MMOD CNN", "haar": "OpenCV Haar cascade"}.get(self.kind, f"YuNet {Path(self.kind).name}")
         return f"{what}, {'5-point landmark boxes' if self.landmarks else 'detector boxes'}, min face {self.min_face:g} px"
 

@@ -431,7 +431,8 @@ class Workspace:
         The prompt and identity token come from the video's run record, the class word from the set.
         The metric models load once per `MetricModels` and are reused.
         """
-        from .evaluate import Scorer, evaluate_video
+        from .evaluate import Scorer, evaluate_video, resolve_face_score
+        from .faces import is_person
 
         path = self.video_path(video)
         settings = self.video_settings(video)
@@ -443,7 +444,9 @@ class Workspace:
         def work(check: Callable[[], None]) -> dict:
             if metric_models not in self._scorers:
                 report({"stage": "loading the metric models"})
-                self._scorers[metric_models] = Scorer(metric_models, device=self.device)
+                # face identity for people when the [faces] extra is installed (one Scorer serves every set)
+                face, people_only = resolve_face_score("auto", people=is_person(record["class_word"]))
+                self._scorers[metric_models] = Scorer(metric_models, device=self.device, face=face, face_people_only=people_only)
             check()
             report({"stage": "scoring"})
             row = evaluate_video(path, images[0].parent, video_prompt(settings), token=token,
