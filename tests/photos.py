@@ -88,7 +88,7 @@ def pan_zoom_clip(photo: np.ndarray, face_box, frames=12, size=160, start=96.0, 
     for t in range(frames):
         a = t / (frames - 1)
         s = (start + (end - start) * a) / side
-        fx, fy = 60 + 50 * a, 80 - 30 * a  # where the face centre lands
+        fx, fy = size * (0.375 + 0.3125 * a), size * (0.5 - 0.1875 * a)  # where the face centre lands
         m = np.float32([[s, 0, fx - s * cx], [0, s, fy - s * cy]])
         out.append(cv2.warpAffine(photo, m, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT,
                                   borderValue=(128, 128, 128)))

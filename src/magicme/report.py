@@ -272,10 +272,11 @@ def write_report(results: list[str | Path], out: str | Path, *, labels: list[str
     sheets = [contact_sheet(g, out / f"contact_sheet_{i}.png", max_videos) for i, g in enumerate(groups)]
 
     note = ("Cells: mean over videos ± half-width of the 95 % confidence interval of the mean (Student t). "
-            "Temporal consistency rises as motion falls (paper §5.2): read it with the motion row and CLIP-T. "
-            "Face rows (dlib's 128-D descriptor of the largest face in each frame against each reference photo): "
-            "similarity = mean cosine, distance = mean Euclidean (the same person below 0.6), coverage = share "
-            "of frames with a face; similarity and distance average only the videos with a face, n says how many.")
+            "Temporal consistency rises as motion falls (paper §5.2): read it with the motion row and CLIP-T.")
+    if any(r.get(k) is not None for g in groups for r in g.rows for k in FACE_ROWS):
+        note += (" Face rows (dlib's 128-D descriptor of the largest face in each frame against each reference photo): "
+                 "similarity = mean cosine, distance = mean Euclidean (the same person below 0.6), coverage = share "
+                 "of frames with a face; similarity and distance average only the videos with a face, n says how many.")
     md = ["# magicme evaluation report", "", "## Metrics (paper Table 1 layout)", "", markdown_table(table), "", note, "",
           "## Per subject", "", markdown_table(per_subject), "", "## γ sweep", "", f"![γ sweep]({plot.name})", "",
           "## Contact sheets (first / middle / last frame)", ""]
