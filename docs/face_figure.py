@@ -10,7 +10,6 @@ cuts out, re-renders at 512 px and pastes back (white). Run: python docs/face_fi
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .faces import PERSON_WORDS, is_person  # noqa: F401  (PERSON_WORDS: the class words that name people)
+from .faces import is_person
 
 log = logging.getLogger(__name__)
 
