@@ -62,30 +62,9 @@ def print_table(rows: list[dict]) -> None:
 
 def sd15_size_components(seed: int = 0) -> dict:
     """Random weights in SD-1.5's and the AnimateDiff v1.5 adapter's real shapes (they time like real ones)."""
-    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from magicme.models import sd15_components
 
-    from magicme.models import make_scheduler
-    from magicme.tokenizer import tiny_clip_tokenizer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the rest of the defaults are SD-1.5's
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-        )
-        adapter = MotionAdapter()  # defaults: the v1.5 adapter (4 blocks, 2 motion layers, 8 heads, 32 positions)
-    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(), unet=unet,
-                motion_adapter=adapter, scheduler=make_scheduler("ddim"))
+    return sd15_components(seed=seed)
 
 
 class PeakMemory:

@@ -39,6 +39,23 @@ def _esrgan_layout(net: RRDBNet) -> dict[str, torch.Tensor]:
     return out
 
 
+_ARCH_NAMES = {"conv_first": "conv_first", "conv_body": "trunk_conv", "conv_up1": "upconv1", "conv_up2": "upconv2",
+               "conv_hr": "HRconv", "conv_last": "conv_last"}
+
+
+def _rrdbnet_arch_layout(net: RRDBNet) -> dict[str, torch.Tensor]:
+    """The ESRGAN repository's RRDBNet_arch.py layout (RRDB_ESRGAN_x4.pth; BSRGAN, RealSR):
+    conv_first, RRDB_trunk.N.RDBk.convj, trunk_conv, upconv1, upconv2, HRconv, conv_last."""
+    out = {}
+    for key, value in net.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "body":  # body.i.rdbk.convj.weight
+            out[f"RRDB_trunk.{parts[1]}.RDB{parts[2][-1]}.{parts[3]}.{parts[4]}"] = value
+        else:
+            out[f"{_ARCH_NAMES[parts[0]]}.{parts[1]}"] = value
+    return out
+
+
 def test_esrgan_x4_layout_indices_match_the_release():
     keys = set(_esrgan_layout(_random_net(2, 1)))
     assert {"model.0.weight", "model.3.weight", "model.6.weight", "model.8.weight", "model.10.weight"} <= keys
@@ -48,7 +65,7 @@ def test_esrgan_x4_layout_indices_match_the_release():
 @pytest.mark.parametrize(
     "num_upsample, unshuffle, scale", [(2, 1, 4), (2, 2, 2)], ids=["x4", "x2-pixel-unshuffle"]
 )
-@pytest.mark.parametrize("layout", ["realesrgan-pth", "esrgan-pth", "safetensors"])
+@pytest.mark.parametrize("layout", ["realesrgan-pth", "esrgan-pth", "esrgan-arch-pth", "safetensors"])
 def test_loader_reads_released_layouts(tmp_path, num_upsample, unshuffle, scale, layout):
     net = _random_net(num_upsample, unshuffle)
     x = torch.rand(1, 3, 12, 10)
@@ -60,6 +77,11 @@ def test_loader_reads_released_layouts(tmp_path, num_upsample, unshuffle, scale,
     elif layout == "esrgan-pth":
         path = tmp_path / "ESRGAN.pth"
         torch.save(_esrgan_layout(net), path)
+    elif layout == "esrgan-arch-pth":
+        path = tmp_path / "BSRGAN.pth"
+        sd = _rrdbnet_arch_layout(net)
+        assert {"RRDB_trunk.0.RDB1.conv1.weight", "trunk_conv.weight", "upconv1.weight", "HRconv.weight"} <= set(sd)
+        torch.save(sd, path)
     else:
         path = tmp_path / "model.safetensors"
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
@@ -93,6 +115,21 @@ def test_upscale_pads_odd_sizes_for_pixel_unshuffle():
     net = _random_net(2, 2)
     out = esrgan_upscale(net, torch.rand(2, 3, 7, 9))
     assert out.shape == (2, 3, 14, 18) and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("unshuffle, size", [(2, (7, 9)), (4, (13, 6)), (2, (1, 5))])
+def test_odd_sizes_are_reflect_padded_like_realesrganer(unshuffle, size):
+    """RealESRGANer.pre_process pads the bottom/right to a multiple of the unshuffle factor with
+    F.pad(…, 'reflect') and crops the output; a side too short to reflect repeats its edge."""
+    torch.manual_seed(0)
+    net = RRDBNet(RRDBConfig(nf=8, gc=4, num_blocks=1, num_upsample=2, unshuffle=unshuffle)).eval()
+    h, w = size
+    x = torch.rand(1, 3, h, w)
+    ph, pw = -h % unshuffle, -w % unshuffle
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    with torch.no_grad():
+        expected = net(torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode))[..., : h * net.scale, : w * net.scale]
+    torch.testing.assert_close(esrgan_upscale(net, x, tile=1000), expected.clamp(0, 1), atol=1e-6, rtol=0)
 
 
 class _Payload:

@@ -11,6 +11,7 @@ from magicme.evaluate import (
     MetricModels,
     Scorer,
     evaluate_video,
+    dino_pixels,
     face_similarity,
     identity_alignment,
     motion_magnitude,
@@ -89,6 +90,9 @@ def test_motion_magnitude():
         ("a photo of <v*> in the snow", "a photo of dog in the snow"),
         ("<v*> dog and <v*>", "dog and dog"),
         ("a <v*>2 dog", "a <v*>2 dog"),  # another token, left alone
+        ("a <v*> Dog in the snow", "a Dog in the snow"),  # the class word in another case is not doubled
+        ("A <v*> DOG", "A DOG"),
+        ("a <v*> doghouse", "a dog doghouse"),  # a longer word is not the class word
     ],
 )
 def test_scoring_prompt_replaces_token_by_class_word(prompt, expected):
@@ -110,6 +114,53 @@ def test_face_similarity_with_an_injected_embedder(metric_models, refs):
     expected = (ref_means[:, 0] / np.linalg.norm(ref_means, axis=1)).mean()  # cos(e_red, ref) averaged
     assert got == pytest.approx(expected, rel=1e-6)
     assert face_similarity(torch.zeros(0, 0), torch.ones(2, 3)) is None
+
+
+# ---- DINO's input transform ----
+
+
+def test_dino_pixels_match_dinos_eval_transform():
+    """facebookresearch/dino eval_linear.py: Resize(256, interpolation=3) → CenterCrop(224) → ToTensor →
+    Normalize(ImageNet). Compared with transformers' BitImageProcessor set up the same way (shortest edge 256,
+    bicubic, centre crop 224, ImageNet mean/std: DINOv2's hub configuration), on sizes where both round alike."""
+    from transformers import BitImageProcessorPil
+
+    reference = BitImageProcessorPil(
+        size={"shortest_edge": 256}, resample=3, crop_size={"height": 224, "width": 224},
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
+    )
+    rng = np.random.default_rng(0)
+    for h, w in ((300, 200), (200, 300), (256, 256), (64, 96), (512, 512)):
+        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(2)]
+        ours = dino_pixels(images)
+        theirs = reference(images=images, return_tensors="pt")["pixel_values"]
+        assert ours.shape == theirs.shape == (2, 3, 224, 224)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_dino_pixels_resize_and_crop_follow_torchvision():
+    """An image whose every pixel holds its own coordinates: after Resize(256) a 200×300 (W×H) image is 256×384
+    (torchvision truncates the long side), and CenterCrop(224) starts at row round((384 − 224) / 2) = 80."""
+    h, w = 300, 200
+    image = np.zeros((h, w, 3), np.uint8)
+    image[..., 0] = np.linspace(0, 255, h).round().astype(np.uint8)[:, None]  # red = row
+    px = dino_pixels([image])[0]
+    red = px[0] * 0.229 + 0.485  # undo the normalisation
+    rows = red[:, 112].numpy() * 255  # the column in the middle
+    row_of = lambda y: y / (384 - 1) * 255  # noqa: E731  (red at resized row y, a linear ramp)
+    assert abs(rows[0] - row_of(80)) < 1.5 and abs(rows[-1] - row_of(80 + 223)) < 1.5
+    assert px[1].abs().max() <= 0.456 / 0.224 + 1e-5  # green 0: (0 − mean) / std everywhere
+
+
+def test_scorer_feeds_dino_its_eval_transform(metric_models, scorer):
+    """The DINO features are the model's CLS token on `dino_pixels`, not on the hub processor's squash."""
+    from transformers import ViTModel
+
+    frames = list(_images(7, 3, size=50))
+    model = ViTModel.from_pretrained(metric_models.dino, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        expected = model(pixel_values=dino_pixels(frames, 32)).last_hidden_state[:, 0]
+    torch.testing.assert_close(scorer.dino_images(frames), expected, atol=1e-5, rtol=0)
 
 
 # ---- the scorer on tiny real-architecture models saved with save_pretrained ----

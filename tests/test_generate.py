@@ -55,3 +55,18 @@ def test_several_prompts_and_seeds_one_model(tiny_pipe, tmp_path):
     assert [p.name for p in paths] == ["v_p0_s1.gif", "v_p0_s2.gif", "v_p1_s1.gif", "v_p1_s2.gif"]
     assert all(p.exists() for p in paths)
     assert read_sidecar(paths[3])["prompt"] == "a cat"
+
+
+def test_default_size_is_the_models_sample_size_times_the_vae_scale(tmp_path):
+    """A base whose UNet was trained at 12 latents (96 px at the VAE's 8×): the default size is 96, read from
+    its configs before loading and from the loaded pipeline after, not SD-1.5's 512."""
+    from magicme.models import TinyPreset, load_pipeline, save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", TinyPreset(sample_size=12))
+    cfg = GenerateConfig(prompts=["a dog"], frames=2, steps=1, models=ModelSpec(base=str(folder)))
+    assert cfg.size() == (96, 96)
+    assert GenerateConfig(prompts=["a dog"], width=128, models=ModelSpec(base=str(folder))).size() == (96, 128)
+    pipe = load_pipeline(cfg.models, device="cpu")
+    assert cfg.size(pipe) == (96, 96)
+    [path] = generate(cfg, tmp_path / "v.gif", pipe=pipe, quiet=True)
+    assert read_video(path).shape == (2, 96, 96, 3) and read_sidecar(path)["height"] == 96

@@ -103,3 +103,53 @@ def test_report_refuses_mixed_or_empty_results(tmp_path, capsys):
     assert "no rows" in capsys.readouterr().err
     assert main(["report", "--results", str(a), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report.html").exists()
+
+
+def _sweep_groups(labels):
+    from pathlib import Path
+
+    from magicme.report import Group
+
+    rng = np.random.default_rng(0)
+    groups = []
+    for i, (label, gamma) in enumerate(labels):
+        rows = [{"gamma": gamma, "motion": 0.05 - gamma / 20 + rng.normal(0, 0.005),
+                 "temporal_clip": 0.9 + gamma / 10 + rng.normal(0, 0.01), "temporal_dino": 0.8 + gamma / 8 + rng.normal(0, 0.02)}
+                for _ in range(6)]
+        groups.append(Group(label, rows, Path(f"r{i}.jsonl")))
+    return groups
+
+
+@pytest.mark.parametrize("labels", [
+    [("γ=0", 0.0), ("γ=0.15", 0.15), ("γ=0.3", 0.3)],  # labels that already say γ: not said twice
+    [("g0", 0.0), ("g0 w/o masked loss", 0.0), ("g015", 0.15), ("g015 w/o masked loss", 0.15), ("g03", 0.3),
+     ("g05", 0.5), ("g07", 0.7), ("g09", 0.9), ("g095", 0.95)],  # many configurations: the legend wraps
+])
+def test_gamma_sweep_legend_once_per_configuration_and_no_text_overlaps(labels):
+    """Rendered, the plot's legend lists each configuration once (γ once in each entry), sits outside both
+    panels, and no label, title, legend or tick label overlaps another or a panel."""
+    import matplotlib.pyplot as plt
+
+    from magicme.report import gamma_sweep_figure
+
+    fig = gamma_sweep_figure(_sweep_groups(labels))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    [legend] = fig.legends
+    entries = [t.get_text() for t in legend.get_texts()]
+    assert len(entries) == len(set(entries)) == len(labels)
+    assert all(e.count("γ") == 1 for e in entries), entries
+    def drawn(ax, labels, axis):  # the locator also lists ticks just outside the view, which are not drawn
+        lo, hi = sorted(ax.get_xlim() if axis == 0 else ax.get_ylim())
+        return [t for t in labels if t.get_text() and lo <= t.get_position()[axis] <= hi]
+
+    ticks = [t for ax in fig.axes for t in drawn(ax, ax.get_xticklabels(), 0) + drawn(ax, ax.get_yticklabels(), 1)]
+    labels_ = [a for ax in fig.axes for a in (ax.xaxis.label, ax.yaxis.label)] + [fig._suptitle, legend]
+    panels = [ax.patch for ax in fig.axes]
+    boxes = [(a, a.get_window_extent(renderer)) for a in labels_ + ticks + panels]
+    for i, (a, box) in enumerate(boxes[: len(labels_)]):
+        for b, other in boxes[i + 1 :]:
+            assert not box.overlaps(other), (getattr(a, "get_text", lambda: a)(), getattr(b, "get_text", lambda: b)())
+    width, height = fig.canvas.get_width_height()
+    assert all(0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height for _, box in boxes)  # nothing cut off
+    plt.close(fig)

@@ -138,12 +138,46 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(prepared, tmp_path, mon
     a, info = read_identity(full.path)
     b, _ = read_identity(resumed.path)
     assert torch.equal(a, b) and info.steps == 6
+    # the record's loss_start is the run's first loss, not the resumed step's
+    assert resumed.loss_start == full.loss_start and resumed.loss_end == full.loss_end
+    assert json.loads(out.with_name(out.name + ".json").read_text())["loss_start"] == full.loss_start
     # a checkpoint of another identity or base model is refused, naming the file
     with pytest.raises(ValueError, match=r"state\.json.*another identity.*token"):
         train(TrainConfig(**{**kw, "steps": 8}, token="<w*>", out=tmp_path / "w.safetensors", resume=ckpt), quiet=True)
     with pytest.raises(ValueError, match=r"state\.json.*num_vectors"):
         train(TrainConfig(**{**kw, "steps": 8}, num_vectors=2, out=tmp_path / "w.safetensors", resume=ckpt), quiet=True)
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_ctrl_c_in_the_final_loss_evaluation_keeps_the_run(prepared, tmp_path, monkeypatch):
+    """--checkpoint-every 0 and Ctrl-C while the final loss is evaluated: a checkpoint of the last step is
+    saved, and --resume finishes the run as if uninterrupted (also from a checkpoint that kept no loss_start)."""
+    kw = dict(data=prepared, steps=3, batch_size=2, lr=1e-2, checkpoint_every=0, validation_steps=2)
+    full = train(TrainConfig(**kw, out=tmp_path / "full.safetensors"), quiet=True)
+    real = IdTrainer.evaluation_loss
+    calls = []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the first is loss_start, the second the final loss
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(IdTrainer, "evaluation_loss", interrupted)
+    out = tmp_path / "part.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**kw, out=out), quiet=True)
+    monkeypatch.setattr(IdTrainer, "evaluation_loss", real)
+    ckpt = tmp_path / "part-checkpoints" / "step-000003"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert not out.exists() and state["step"] == 3 and state["loss_start"] == full.loss_start
+    resumed = train(TrainConfig(**kw, out=out, resume="latest"), quiet=True)
+    assert torch.equal(read_identity(resumed.path)[0], read_identity(full.path)[0])
+    assert (resumed.loss_start, resumed.loss_end) == (full.loss_start, full.loss_end)
+    del state["loss_start"]  # a checkpoint written before the first loss was kept: evaluated from the start vectors
+    (ckpt / "state.json").write_text(json.dumps(state))
+    again = train(TrainConfig(**kw, out=tmp_path / "again.safetensors", resume=ckpt), quiet=True)
+    assert again.loss_start == pytest.approx(full.loss_start, abs=1e-6)
 
 
 def test_resume_from_another_base_is_refused(prepared, tmp_path, tiny_model_dir):

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from magicme.upscale import (
     ramp_window,
     tile_grid,
     tile_seeds,
-    tile_starts,
+    tile_span,
     tiled_map,
     tiled_vcd,
     tiny_controlnet,
@@ -22,24 +24,37 @@ from magicme.v2v import partial_denoise, video_pipeline
 from magicme.video import read_sidecar, read_video, write_video
 
 
-@pytest.mark.parametrize("length, tile, overlap", [(64, 64, 8), (128, 64, 8), (130, 64, 16), (1024, 512, 64), (1000, 512, 0)])
-def test_tiles_cover_every_pixel_with_the_overlap(length, tile, overlap):
-    starts = tile_starts(length, tile, overlap)
-    assert starts[0] == 0 and starts[-1] == length - tile
+@pytest.mark.parametrize(
+    "length, tile, overlap", [(64, 64, 8), (128, 64, 8), (130, 64, 16), (1024, 512, 64), (1000, 512, 0), (1536, 512, 64),
+                              (520, 512, 64), (96, 64, 56)])
+def test_tiles_are_fewest_and_cover_every_pixel_with_the_overlap(length, tile, overlap):
+    side, starts = tile_span(length, tile, overlap)
+    assert side % 8 == 0 and side <= length and starts[0] == 0 and starts[-1] == length - side
     covered = np.zeros(length, bool)
     for s in starts:
-        covered[s : s + tile] = True
+        covered[s : s + side] = True
     assert covered.all()
-    assert all(a + tile - b >= overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap px
+    assert all(a + side - b >= overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap px
+    assert len(starts) == math.ceil(length / tile)  # no more tiles than tiles of `tile` px with no overlap need
+    assert side < tile + overlap + 8  # grown by less than the overlap (and the rounding to 8)
+
+
+def test_a_1024_frame_is_four_tiles_of_544_not_nine_of_512():
+    assert tile_span(1024, 512, 64) == (544, [0, 480])
+    (th, tw), grid = tile_grid(1024, 1024, 512, 64)
+    assert (th, tw) == (544, 544) and grid == [(0, 0), (0, 480), (480, 0), (480, 480)]
+    (th, tw), grid = tile_grid(768, 1024, 512, 64)  # frames need not be square; neither need the tiles
+    assert (th, tw) == (416, 544) and len(grid) == 4
 
 
 @pytest.mark.parametrize("h, w, tile, overlap", [(128, 128, 64, 8), (136, 200, 64, 16), (64, 96, 64, 0)])
 def test_blend_weights_sum_to_one_and_are_positive(h, w, tile, overlap):
     grid, window, total = blend_weights(h, w, tile, overlap)
+    th, tw = window.shape
     assert window.min() > 0 and total.min() > 0
     weight_sum = np.zeros((h, w))
     for y, x in grid:
-        weight_sum[y : y + tile, x : x + tile] += window / total[y : y + tile, x : x + tile]
+        weight_sum[y : y + th, x : x + tw] += window / total[y : y + th, x : x + tw]
     np.testing.assert_allclose(weight_sum, 1.0, atol=1e-12)
 
 
@@ -65,7 +80,7 @@ def test_tile_then_merge_with_identity_reproduces_the_frame(batch):
     np.testing.assert_allclose(out, frames, atol=1e-6)
     q = lambda a: (a * 255).round().astype(np.uint8)  # noqa: E731 - what write_video stores
     assert np.array_equal(q(out), q(frames))
-    assert sum(seen) == len(tile_grid(136, 200, 64, 16)) and max(seen) <= batch
+    assert sum(seen) == len(tile_grid(136, 200, 64, 16)[1]) and max(seen) <= batch
 
 
 def test_merge_places_each_tile_where_it_came_from():
@@ -125,8 +140,54 @@ def test_tiled_vcd_end_to_end_with_saved_controlnet(tmp_path):
     assert read_video(out).shape == (3, 96, 80, 3)
     rec = read_sidecar(out)
     assert rec["task"] == "upscale" and rec["tile"] == 64 and rec["overlap"] == 8 and rec["tiles"] == 4
+    assert rec["tile_size"] == [56, 48]  # 96×80 in 2×2 tiles sharing ≥ 8 px
     assert rec["strength"] == 0.2 and rec["models"]["identities"][0]["token"] == "<v*>"
     assert rec["controlnet_model"]["source"] == "local" and rec["upscaler_model"] == "lanczos"
+
+
+def test_tile_clips_longer_than_the_context_run_in_windows_with_the_controlnet(tmp_path, tiny_pipe):
+    video = write_video(np.random.default_rng(5).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), tmp_path / "in.gif")
+    cfg = UpscaleConfig(prompt="a dog", steps=5, context=4, models=ModelSpec(base="tiny"))
+    out = tiled_vcd(cfg, video, tmp_path / "up.gif", pipe=tiny_pipe, quiet=True)
+    assert read_video(out).shape == (6, 64, 64, 3) and read_sidecar(out)["context"] == 4
+    stock = {type(m).__name__ for m in tiny_pipe.unet.modules()}  # the shared UNet is stock again afterwards
+    assert not stock & {"FreeNoiseTransformerBlock", "SplitInferenceModule"}
+
+
+def test_tiled_vcd_without_controlnet(tmp_path, tiny_pipe, monkeypatch):
+    """--controlnet none: the tiles are partially denoised by the plain video-to-video pipeline."""
+    from importlib import import_module
+
+    upscale_module = import_module("magicme.upscale")
+    pipes = []
+    real = upscale_module.partial_denoise_windows
+    monkeypatch.setattr(upscale_module, "partial_denoise_windows", lambda pipe, *a, **k: pipes.append(pipe) or real(pipe, *a, **k))
+    monkeypatch.setattr(upscale_module, "load_controlnet", lambda *a, **k: pytest.fail("no ControlNet is loaded"))
+    video = write_video(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), tmp_path / "in.gif")
+    cfg = UpscaleConfig(prompt="a dog", controlnet="none", steps=5, models=ModelSpec(base="tiny"))
+    out = tiled_vcd(cfg, video, tmp_path / "up.gif", pipe=tiny_pipe, quiet=True)
+    assert read_video(out).shape == (2, 64, 64, 3) and read_sidecar(out)["controlnet_model"] is None
+    assert pipes and all(type(p).__name__ == "AnimateDiffVideoToVideoPipeline" for p in pipes)
+
+
+def test_missing_default_controlnet_is_named_before_the_base_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    """Offline, the default ControlNet Tile is not there: one error naming --controlnet (and `none`), and the
+    base model is never loaded; a malformed --controlnet is refused by the config check itself."""
+    from importlib import import_module
+
+    from magicme.models import ModelNotFoundError
+
+    upscale_module = import_module("magicme.upscale")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(upscale_module, "load_stage_pipeline", lambda *a, **k: pytest.fail("the base model was loaded"))
+    video = write_video(np.zeros((2, 48, 40, 3), np.uint8), tmp_path / "in.gif")
+    cfg = UpscaleConfig(prompt="a dog", steps=5, tile=64, models=ModelSpec(base=str(tiny_model_dir)))
+    with pytest.raises(ModelNotFoundError, match="--controlnet 'lllyasviel/control_v11f1e_sd15_tile'.*--controlnet none") as e:
+        tiled_vcd(cfg, video, tmp_path / "up.gif", quiet=True, device="cpu")
+    assert "motion adapter" not in str(e.value).lower() and "MotionAdapter" not in str(e.value)
+    with pytest.raises(ModelNotFoundError, match="--controlnet"):
+        UpscaleConfig(prompt="a dog", controlnet=str(tmp_path / "missing"), models=ModelSpec(base=str(tiny_model_dir))).check()
+    assert not (tmp_path / "up.gif").exists()
 
 
 @pytest.mark.parametrize(
@@ -168,7 +229,8 @@ def test_upscale_cli_end_to_end(tmp_path, capsys):
     assert code == 0 and str(out) in capsys.readouterr().out
     assert read_video(out).shape == (2, 80, 96, 3)
     rec = read_sidecar(out)
-    assert rec["tiles"] == 6 and rec["upscaler_model"]["source"] == "local" and rec["scale"] == 2
+    assert rec["tiles"] == 4 and rec["tile_size"] == [48, 56]  # 80×96 at tile 48, overlap 16: 2×2, not 2×3
+    assert rec["upscaler_model"]["source"] == "local" and rec["scale"] == 2
 
 
 class _Payload:

@@ -1,9 +1,13 @@
 """magicme: identity-specific video generation (Magic-Me / Video Custom Diffusion).
 
 Heavy modules (torch, diffusers) load on first use, so `import magicme` and `magicme --help` stay fast.
+Four exports share their submodule's name (`generate`, `noise_prior`, `train`, `v2v`): `magicme.generate`
+is the function; the module is `sys.modules["magicme.generate"]` (`from magicme.generate import …` works).
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -49,3 +53,20 @@ def __getattr__(name: str):
 
 
 __all__ = sorted(_EXPORTS)
+
+
+class _Package(ModuleType):
+    """The import system binds a loaded submodule as an attribute of its package, which would hide the
+    exported function of the same name from `__getattr__`; such a binding is skipped for exported names."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+sys.modules[__name__].__class__ = _Package

@@ -14,10 +14,15 @@ from pathlib import Path
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default)")
-    g.add_argument("--motion-adapter", default=None, help="AnimateDiff MotionAdapter: hub id or folder (default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2)")
+    g.add_argument("--motion-adapter", default=None, help="AnimateDiff motion module: hub id, diffusers folder, or a file such as mm_sd_v15_v2.ckpt / v3_sd15_mm.ckpt / a .safetensors copy (default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2)")
     g.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
-    g.add_argument("--scheduler", default=None, help="ddim (default), euler or dpm; --preset fast/lcm bring their own")
-    g.add_argument("--preset", default="full", help="full (default); fast: AnimateDiff-Lightning 4-step draft; lcm: AnimateLCM 6-step draft")
+    g.add_argument("--scheduler", default=None, help="ddim (default), euler, dpmpp-2m (= dpm), dpmpp-2m-karras; --preset fast/lcm/reference bring their own")
+    g.add_argument("--preset", default="full", help="full (default); fast: AnimateDiff-Lightning 4-step draft; lcm: AnimateLCM 6-step draft; "
+                   "reference: the Magic-Me reference recipe (DPM++ 2M Karras, 20 steps, CFG 8, FreeU)")
+    g.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]", help="style/character LoRA (kohya/A1111 or diffusers .safetensors); repeat to mix")
+    g.add_argument("--motion-lora", action="append", default=None, metavar="FILE[:SCALE]", help="AnimateDiff motion LoRA (v2_lora_ZoomIn.ckpt …); repeatable")
+    g.add_argument("--freeu", nargs="?", const="sd15", default=None, metavar="B1,B2,S1,S2", help="FreeU; alone: SD-1.5's 1.5,1.6,0.9,0.2")
+    g.add_argument("--clip-skip", type=int, default=0, metavar="N", help="skip the text encoder's last N layers (1 = A1111's 'Clip skip 2')")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32")
     g.add_argument("--low-vram", action="store_true", help="fit 16×512² in 8 GB: CPU offload, VAE slicing/tiling, chunked motion modules")
@@ -36,7 +41,25 @@ def _model_spec(args):
         base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
         scheduler=args.scheduler or "ddim", preset=preset,
         speed=SpeedOptions(dtype=args.dtype, low_vram=args.low_vram, attention_slicing=args.attention_slicing, compile=args.compile),
+        loras=tuple(args.lora or ()), motion_loras=tuple(args.motion_lora or ()), freeu=_freeu(args.freeu),
+        clip_skip=args.clip_skip,
     )
+
+
+def _freeu(text: str | None):
+    """--freeu alone → SD-1.5's values; --freeu B1,B2,S1,S2 → those four numbers."""
+    if text is None or text == "sd15":
+        return None if text is None else True
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--freeu takes four comma-separated numbers B1,B2,S1,S2, got {text!r}") from None
+
+
+def _identities(args) -> list[str]:
+    from .identity import with_token
+
+    return with_token(args.identity or [], getattr(args, "token", None))
 
 
 def cmd_generate(args) -> None:
@@ -54,7 +77,7 @@ def cmd_generate(args) -> None:
         guidance=args.guidance,
         gamma=args.gamma,
         fps=args.fps,
-        identities=args.identity or [],
+        identities=_identities(args),
         models=_model_spec(args),
         prompt_at=parse_prompt_at(args.prompt_at or []),
         context_length=args.context_length,
@@ -101,7 +124,7 @@ def cmd_train(args) -> None:
         mixed_precision=args.mixed_precision,
         out=args.out,
         resume=args.resume,
-        models=ModelSpec(base=args.base, base_config=args.base_config),
+        models=ModelSpec(base=args.base, base_config=args.base_config, loras=tuple(args.lora or ())),
     )
     res = train(cfg, quiet=args.quiet, device=args.device)
     print(f"masked loss on the identity set: {res.loss_start:.4f} -> {res.loss_end:.4f}")
@@ -121,7 +144,7 @@ def _v2v_settings(args) -> dict:
         gamma=args.gamma,
         fps=args.fps,
         context=args.context,
-        identities=args.identity or [],
+        identities=_identities(args),
         models=_model_spec(args),
     )
 
@@ -156,17 +179,40 @@ def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None
     p.add_argument("--video", required=True, help="input clip: .mp4, .gif, or a folder of image frames")
     p.add_argument("--prompt", required=True, help="prompt; must contain the identity token when --identity is given")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--identity", action="append", help="identity .safetensors from 'magicme train'; repeat for several subjects")
+    p.add_argument("--identity", action="append", metavar="[TOKEN=]FILE", help="identity from 'magicme train', or another tool's embedding (.pt/.bin/.safetensors); repeat for several subjects")
+    p.add_argument("--token", default=None, help="the word for the one --identity file that names none (the reference Magic-Me .pt)")
     p.add_argument("--strength", type=float, default=strength, help=f"fraction of the schedule re-run, in (0, 1] (default {strength})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="steps of the full schedule; int(steps × strength) are run")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in windows)")
+    p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in overlapping, blended windows)")
     p.add_argument("--out", default=out, help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
+
+
+def cmd_identity_info(args) -> None:
+    import json
+
+    from .identity import describe_identity
+
+    info = describe_identity(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        shown = value if value not in ("", None) else "(none)"
+        if key == "token" and not value:
+            shown = "(none: pass --token, or TOKEN=FILE)"
+        print(f"{key:>16}: {shown}")
+
+
+def cmd_identity_convert(args) -> None:
+    from .identity import convert_identity
+
+    print(convert_identity(args.src, args.out, token=args.token, class_word=args.class_word))
 
 
 def cmd_tiny_model_save(args) -> None:
@@ -243,7 +289,7 @@ def cmd_evaluate_suite(args) -> None:
         height=args.height, width=args.width, base=args.base, motion_adapter=args.motion_adapter,
         base_config=args.base_config, scheduler=args.scheduler, clip_model=args.clip_model, dino_model=args.dino_model,
         batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
-        face_score=args.face_score, video_format=args.video_format,
+        face_score=args.face_score, video_format=args.video_format, dtype=args.dtype,
     ))
     run = run_suite(cfg, args.results, videos=args.videos, quiet=args.quiet, device=args.device)
     print(f"process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
@@ -286,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--context-stride", type=int, default=4, help="frames between window starts (default 4)")
     w.add_argument("--window-weighting", default="pyramid", help="pyramid (default), flat or delayed_reverse_sawtooth")
     p.add_argument("--free-init", type=int, default=None, metavar="N", help="FreeInit with N iterations (N× the time), to compare with the noise prior")
-    p.add_argument("--identity", action="append", help="identity .safetensors from 'magicme train'; repeat for several subjects")
+    p.add_argument("--identity", action="append", metavar="[TOKEN=]FILE", help="identity from 'magicme train', or another tool's embedding (.pt/.bin/.safetensors); repeat for several subjects")
+    p.add_argument("--token", default=None, help="the word for the one --identity file that names none (the reference Magic-Me .pt)")
     p.add_argument("--out", default="magicme.mp4", help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
@@ -323,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from a checkpoint folder (default: the latest beside --out)")
     p.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny'")
     p.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]", help="train with this LoRA active (optional; the identity is then tuned to the LoRA'd model)")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -349,10 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_v2v_args(p, strength=0.2, out="magicme-upscaled.mp4")
     p.add_argument("--scale", type=int, default=2, help="2 or 4")
     p.add_argument("--upscaler", default=None, help="ESRGAN/Real-ESRGAN RRDBNet .pth or .safetensors (default: Lanczos)")
-    p.add_argument("--tile", type=int, default=None, help="tile side in px, multiple of 8 (default: the model's, 512)")
+    p.add_argument("--tile", type=int, default=None, help="tile side in px, multiple of 8 (default: the model's, 512); the fewest tiles, widened by < --overlap to share it")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: tile / 8)")
     p.add_argument("--tile-batch", type=int, default=4, help="tiles denoised together (peak memory grows with it)")
-    p.add_argument("--controlnet", default=None, help="ControlNet Tile: hub id or folder (default: lllyasviel/control_v11f1e_sd15_tile)")
+    p.add_argument("--controlnet", default=None, help="ControlNet Tile: hub id or folder (default: lllyasviel/control_v11f1e_sd15_tile); none: without")
     p.add_argument("--controlnet-scale", type=float, default=1.0)
     p.set_defaults(func=cmd_upscale)
 
@@ -387,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-config", default=None)
     g.add_argument("--scheduler", default=None)
     g.add_argument("--device", default=None, help="default: this process's accelerate device")
+    g.add_argument("--dtype", default=None, help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32; part of the configuration")
     p.set_defaults(func=cmd_evaluate_suite)
 
     p = sub.add_parser("report", help="Markdown + HTML report of results files: Table-1 layout, γ sweep plot, contact sheets")
@@ -402,6 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("identity", help="inspect or convert identity files (magicme's, the reference Magic-Me .pt, A1111, diffusers)")
+    ident = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = ident.add_parser("info", help="token, vectors, width, base model, format of an identity or embedding file")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_identity_info)
+    s = ident.add_parser("convert", help="write any supported embedding as a magicme identity .safetensors")
+    s.add_argument("src", metavar="IN")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--token", default=None, help="the word to use (required where IN names none)")
+    s.add_argument("--class-word", default=None, help="the subject's class, e.g. man (for CLIP-T and prompt hints)")
+    s.set_defaults(func=cmd_identity_convert)
 
     p = sub.add_parser("tiny-model", help="the tiny random-weight preset")
     tiny = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -3,10 +3,13 @@
 The network is the published RRDBNet: a conv, N residual-in-residual dense blocks, a conv, then
 nearest-neighbour ×2 upsampling stages with convs. Real-ESRGAN's ×2 and ×1 models pixel-unshuffle the
 input first (3·s² input channels), so every model keeps the same ×4 body. Released weight files use
-one of two key layouts, both read here:
+one of three key layouts, all read here:
 
 - Real-ESRGAN / BasicSR: `conv_first`, `body.N.rdb1.conv1`, `conv_body`, `conv_up1`, `conv_up2`, `conv_hr`, `conv_last`
-- original ESRGAN: `model.0`, `model.1.sub.N.RDB1.conv1.0`, `model.1.sub.<last>`, then the remaining convs in order
+- the ESRGAN repository's `RRDBNet_arch.py` (also BSRGAN and RealSR): `conv_first`, `RRDB_trunk.N.RDB1.conv1`,
+  `trunk_conv`, `upconv1`, `upconv2`, `HRconv`, `conv_last`
+- ESRGAN's first release (`*_old_arch.pth`): `model.0`, `model.1.sub.N.RDB1.conv1.0`, `model.1.sub.<last>`, then
+  the remaining convs in order
 
 Files load safely only: `.safetensors`, or pickles through `torch.load(weights_only=True)`.
 """
@@ -131,6 +134,36 @@ def convert_esrgan_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_ARCH_RDB = re.compile(r"^RRDB_trunk\.(\d+)\.RDB([123])\.conv([1-5])\.(weight|bias)$")
+_ARCH_NAMES = {"conv_first": "conv_first", "trunk_conv": "conv_body", "upconv1": "conv_up1", "upconv2": "conv_up2",
+               "HRconv": "conv_hr", "conv_last": "conv_last"}
+
+
+def convert_rrdbnet_arch_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an ESRGAN `RRDBNet_arch.py` state dict (`RRDB_trunk.N.RDB1.conv1`, `trunk_conv`, `upconv1`, `HRconv`;
+    BSRGAN and RealSR use it too) to RRDBNet's names. The network is the same, module for module."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        module, _, kind = key.rpartition(".")
+        if m := _ARCH_RDB.match(key):
+            block, rdb, conv, kind = m.groups()
+            out[f"body.{block}.rdb{rdb}.conv{conv}.{kind}"] = value
+        elif module in _ARCH_NAMES and kind in ("weight", "bias"):
+            out[f"{_ARCH_NAMES[module]}.{kind}"] = value
+        else:
+            raise ValueError(f"unexpected key {key!r} for the ESRGAN RRDBNet_arch layout")
+    return out
+
+
+def to_rrdbnet_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in any of the three released layouts, in RRDBNet's (Real-ESRGAN's) names."""
+    if any(k.startswith("model.") for k in sd):
+        return convert_esrgan_keys(sd)
+    if any(k.startswith(("RRDB_trunk.", "trunk_conv.")) for k in sd):
+        return convert_rrdbnet_arch_keys(sd)
+    return sd
+
+
 def infer_config(sd: dict[str, torch.Tensor]) -> RRDBConfig:
     """RRDBNet's shape from a state dict in RRDBNet's names; ValueError when it is not one."""
     needed = ("conv_first.weight", "conv_body.weight", "conv_hr.weight", "conv_last.weight", "body.0.rdb1.conv1.weight")
@@ -187,8 +220,7 @@ def load_rrdbnet(path: str | Path) -> RRDBNet:
     """An ESRGAN/Real-ESRGAN RRDBNet from a released `.pth`/`.safetensors` file (either key layout), in eval mode."""
     sd = read_state_dict(path)
     try:
-        if any(k.startswith("model.") for k in sd):
-            sd = convert_esrgan_keys(sd)
+        sd = to_rrdbnet_keys(sd)
         cfg = infer_config(sd)
         model = RRDBNet(cfg)
         model.load_state_dict(sd, strict=True)
@@ -197,7 +229,7 @@ def load_rrdbnet(path: str | Path) -> RRDBNet:
         first = str(e).strip().splitlines()[0]
         raise ValueError(
             f"--upscaler {str(path)!r}: unknown architecture, expected an ESRGAN/Real-ESRGAN RRDBNet "
-            f"(keys like conv_first.weight or model.0.weight; found {keys}, …): {first}"
+            f"(keys like conv_first.weight, RRDB_trunk.0.RDB1.conv1.weight or model.0.weight; found {keys}, …): {first}"
         ) from None
     return model.eval()
 
@@ -209,7 +241,8 @@ def esrgan_upscale(model: RRDBNet, frames: torch.Tensor, tile: int = 256, pad: i
     Each tile is run with `pad` px of its neighbours around it and only its own part kept, so memory is
     bounded by one tile (a ×4 2048² output would need GBs at once); tiles cut inside the network's
     receptive field differ from a whole-frame run only near their edges, by little. Sides not divisible
-    by the model's pixel-unshuffle factor are edge-padded and the pad cropped off.
+    by the model's pixel-unshuffle factor are padded at the bottom/right by reflection, as Real-ESRGAN's
+    `RealESRGANer.pre_process` does, and the pad cropped off.
     """
     p, s = model.cfg.unshuffle, model.scale
     out = []
@@ -217,8 +250,8 @@ def esrgan_upscale(model: RRDBNet, frames: torch.Tensor, tile: int = 256, pad: i
         x = frame[None]
         h, w = x.shape[-2:]
         ph, pw = (-h) % p, (-w) % p
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        if ph or pw:  # reflect needs a side longer than its pad; a 1-2 px side repeats its edge instead
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h - ph, w - pw) > 0 else "replicate")
         hp, wp = x.shape[-2:]
         y = torch.empty(1, 3, hp * s, wp * s, dtype=x.dtype, device=x.device)
         step = max(p, tile // p * p)

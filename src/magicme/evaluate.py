@@ -1,7 +1,9 @@
 """The paper's video metrics (§5.2): identity alignment, text alignment and temporal smoothness.
 
 - CLIP-I / DINO: mean cosine similarity between every generated frame and every reference image,
-  in CLIP image-embedding space / DINO ViT-S/16 CLS-feature space.
+  in CLIP image-embedding space / DINO ViT-S/16 CLS-feature space. DINO sees its own evaluation
+  transform (Resize 256 bicubic → CenterCrop 224 → ImageNet mean/std), as DreamBooth's and Custom
+  Diffusion's DINO scores do; CLIP sees its processor's (the paper's CLIP-I/CLIP-T).
 - CLIP-T: mean CLIP text–image similarity of each frame with its prompt, the identity token
   replaced by the class word (the metric models do not know the token).
 - Temporal consistency: mean CLIP and DINO similarity of consecutive frames.
@@ -35,6 +37,8 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # §5.2 CLIP-I / CLIP-T
 DEFAULT_DINO = "facebook/dino-vits16"  # §5.2 DINO (ViT-S/16)
 METRICS = ("dino", "clip_i", "clip_t", "temporal_dino", "temporal_clip")  # Table 1's rows, in its order
 FACE_SCORES = ("auto", "on", "off")  # --face-score: auto = for people (class word), when dlib is installed
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's input normalisation (facebookresearch/dino, eval_linear.py)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---- the math: pure functions on embeddings ---------------------------------------------------
@@ -92,14 +96,39 @@ def scoring_prompt(prompt: str, token: str, class_word: str) -> str:
     """The prompt CLIP-T scores: the identity token replaced by the class word (§5.2).
 
     'a <v*> dog on the beach' → 'a dog on the beach' (a class word right after the token is
-    kept once, not doubled); 'photo of <v*>' → 'photo of dog'.
+    kept once, not doubled, in any case: 'a <v*> Dog' → 'a Dog'); 'photo of <v*>' → 'photo of dog'.
     """
     if not class_word.strip():
         raise ValueError(f"--class-word is needed to score the prompt {prompt!r} (it holds the token {token!r})")
     pat = token_pattern(token)
-    followed = re.compile(pat.pattern + rf"\s+(?={re.escape(class_word)}\b)")
+    followed = re.compile(pat.pattern + rf"\s+(?=(?i:{re.escape(class_word.strip())})\b)")
     out = pat.sub(class_word, followed.sub("", prompt))
     return re.sub(r"\s+", " ", out).strip()
+
+
+def dino_pixels(images: Sequence[np.ndarray], crop: int = 224) -> torch.Tensor:
+    """DINO's evaluation transform: Resize(256, bicubic) → CenterCrop(224) → ImageNet mean/std → (N, 3, 224, 224).
+
+    As in facebookresearch/dino's eval_linear.py (torchvision on PIL images), with torchvision's rounding:
+    the shorter side becomes 256 and the longer int(256 · long / short); the crop starts at round((side − 224) / 2).
+    A model made for another input size (`crop`) gets the same 256/224 ratio. images: (H, W, 3) uint8 or [0, 1].
+    """
+    from PIL import Image
+
+    side = round(crop * 256 / 224)
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    out = []
+    for image in images:
+        im = Image.fromarray(to_uint8(np.asarray(image)[None])[0])
+        w, h = im.size
+        if min(w, h) != side:
+            long = int(side * max(w, h) / min(w, h))
+            im = im.resize((side, long) if w <= h else (long, side), Image.Resampling.BICUBIC)
+        w, h = im.size
+        top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+        x = np.asarray(im.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
+        out.append((x - mean) / std)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -172,9 +201,12 @@ class Scorer:
         self.clip_processor = _load(AutoImageProcessor, "--clip-model", models.clip, backend="pil")
         self.clip_tokenizer = _load(AutoTokenizer, "--clip-model", models.clip)
         # DINO ViT checkpoints carry no pooler; we read the CLS token, so don't build a random one
-        extra = {"add_pooling_layer": False} if _load(AutoConfig, "--dino-model", models.dino).model_type == "vit" else {}
+        dino_config = _load(AutoConfig, "--dino-model", models.dino)
+        extra = {"add_pooling_layer": False} if dino_config.model_type == "vit" else {}
         self.dino = _load(AutoModel, "--dino-model", models.dino, dtype=dtype, **extra).to(self.device).eval()
-        self.dino_processor = _load(AutoImageProcessor, "--dino-model", models.dino, backend="pil")
+        # not the hub processor (facebook/dino-vits16's squashes to 224² with mean/std 0.5): DINO's own transform;
+        # DINOv2 interpolates its position embeddings and is evaluated at 224 like DINO
+        self.dino_crop = 224 if dino_config.model_type == "dinov2" else int(dino_config.image_size)
         self.face = face
         self.face_people_only = face_people_only  # score faces only for class words naming a person
         self._references: dict[tuple, dict[str, torch.Tensor | None]] = {}
@@ -182,12 +214,14 @@ class Scorer:
     @torch.no_grad()
     def clip_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, D) CLIP image embeddings (projected), computed in batches of `batch_size`, on the CPU."""
-        return self._batched(images, self.clip_processor, self._clip_forward)
+        return self._batched(images, self._clip_pixels, self._clip_forward)
 
     @torch.no_grad()
     def dino_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, D) DINO features: the CLS token of the last layer (ViT and DINOv2 alike)."""
-        return self._batched(images, self.dino_processor, lambda px: self.dino(pixel_values=px).last_hidden_state[:, 0])
+        return self._batched(
+            images, lambda batch: dino_pixels(batch, self.dino_crop), lambda px: self.dino(pixel_values=px).last_hidden_state[:, 0]
+        )
 
     @torch.no_grad()
     def clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -196,18 +230,21 @@ class Scorer:
         out = self.clip.get_text_features(**tok)
         return getattr(out, "pooler_output", out).float().cpu()
 
+    def _clip_pixels(self, images) -> torch.Tensor:
+        return self.clip_processor(images=images, return_tensors="pt")["pixel_values"]
+
     def _clip_forward(self, px: torch.Tensor) -> torch.Tensor:
         out = self.clip.get_image_features(pixel_values=px)
         return getattr(out, "pooler_output", out)  # transformers 5 returns a model output, 4.x a tensor
 
-    def _batched(self, images, processor, forward) -> torch.Tensor:
+    def _batched(self, images, pixels, forward) -> torch.Tensor:
         images = list(images)
         if not images:
             raise ValueError("no images to embed (a video of zero frames?)")
         dtype = next(self.clip.parameters()).dtype
         out = []
         for i in range(0, len(images), self.models.batch_size):
-            px = processor(images=images[i : i + self.models.batch_size], return_tensors="pt")["pixel_values"]
+            px = pixels(images[i : i + self.models.batch_size])
             out.append(forward(px.to(self.device, dtype)).float().cpu())
         return torch.cat(out)
 

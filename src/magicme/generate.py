@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .identity import check_prompt_tokens, load_identities, read_identity_info
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
-from .models import PRESETS, TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline, scheduler_record
+from .models import (
+    PRESETS, TINY, ModelSpec, check_motion_frames, fingerprint, load_pipeline, native_resolution,
+    scheduler_record,
+)
 from .noise_prior import check_gamma, noise_prior
 from .video import check_output_path, output_kind, write_sidecar, write_video
 
@@ -70,7 +73,8 @@ class GenerateConfig:
         self.models.check()
         for prompt in self.jobs_prompts():
             prompt_schedule(prompt, self.prompt_at, self.frames)
-        self.window_plan()
+        plan = self.window_plan()
+        self.models.check_frames(plan.length if plan else self.frames, "--context-length" if plan else "--frames")
         check_prompt_tokens([*self.prompts, *self.prompt_at.values()], [read_identity_info(p) for p in self.identities])
 
     def resolved(self) -> "GenerateConfig":
@@ -91,8 +95,12 @@ class GenerateConfig:
             self.frames, self.context_length, self.context_stride, self.window_weighting, travel=bool(self.prompt_at)
         )
 
-    def size(self) -> tuple[int, int]:
-        native = TinyPreset().resolution if self.models.base == TINY else 512
+    def size(self, pipe=None) -> tuple[int, int]:
+        """(height, width): the given ones, else the base model's native side (UNet sample_size × VAE scale:
+        SD-1.5 512, SD-2 768, tiny 64), read from `pipe` when loaded, else from the base's configs."""
+        if self.height and self.width:
+            return self.height, self.width
+        native = native_resolution(self.models, pipe)
         return self.height or native, self.width or native
 
 
@@ -137,6 +145,9 @@ def generate_video(
     `prompt_at` (frame → prompt) travels between prompts; `windows` (see `long_video.plan_windows`)
     runs FreeNoise windows; `free_init` runs that many FreeInit iterations. None of them: stock AnimateDiff.
     """
+    for text in [prompt, *(prompt_at or {}).values(), negative_prompt]:
+        if text:
+            check_prompt_length(pipe, text)
     if prompt_at:
         prompt = prompt_schedule(prompt, prompt_at, frames)  # FreeNoise blends the prompts between frames
         windows = windows or plan_windows(frames, None, 4, "pyramid", travel=True)
@@ -197,10 +208,12 @@ def generate(
     cfg.check()
     cfg = cfg.resolved()
     paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
-    height, width = cfg.size()
     windows = cfg.window_plan()
     if pipe is None:
         pipe = load_pipeline(cfg.models, device=device)
+    height, width = cfg.size(pipe)
+    check_motion_frames(windows.length if windows else cfg.frames, pipe.unet.config.get("motion_max_seq_length"),
+                        "--context-length" if windows else "--frames")
     load_identities(pipe, cfg.identities)
     pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
     jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]
@@ -244,9 +257,8 @@ def run_record(
             models["lora"] = {"weights": PRESETS[spec.preset].lora, "scale": PRESETS[spec.preset].lora_scale}
         if spec.base_config:
             models["base_config"] = spec.base_config
-    models["identities"] = [
-        {**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities
-    ]
+    models |= spec.formats_record()
+    models["identities"] = [identity_record(p) for p in cfg.identities]
     skip = ("prompts", "seeds", "models", "height", "width", "identities", "prompt_at")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings}

@@ -1,17 +1,19 @@
 """Identity files: the extended ID tokens of one subject (paper §4.2) as a small .safetensors file.
 
 Layout: one tensor `emb_params` of shape (num_vectors, text hidden size) — the Kohya/A1111/ComfyUI
-embedding form — plus string metadata (token, class word, num vectors, base model, steps). Stock
-diffusers loads it with `pipe.load_textual_inversion(path, token=token)`; the prompt's token then
-expands to `token token_1 … token_{K-1}`, one per vector.
+embedding form — plus string metadata (token, class word, num vectors, base model, steps), written in
+sorted order so equal identities are equal files. Stock diffusers loads it with
+`pipe.load_textual_inversion(path, token=token)`; the prompt's token then expands to
+`token token_1 … token_{K-1}`, one per vector.
+
+`--identity` also takes other tools' embeddings (`embeddings.py`), and `TOKEN=FILE` names the word a file
+is used under (files that name none need it; it also lets two files trained as `<v*>` be used together).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +33,8 @@ class IdentityInfo:
     steps: int = 0
     hidden_size: int = 0
     masked: bool = True
+    source: str = "magicme"  # magicme, or the tool a converted file came from (embeddings.py)
+    base_fingerprint: str = ""  # the base model's weights hash (models.fingerprint), where known
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, **{k: str(v) for k, v in asdict(self).items()}}
@@ -47,12 +51,14 @@ class IdentityInfo:
             steps=int(meta.get("steps", 0)),
             hidden_size=int(meta.get("hidden_size", 0)),
             masked=meta.get("masked", "True") == "True",
+            source=meta.get("source", "magicme"),
+            base_fingerprint=meta.get("base_fingerprint", ""),
         )
 
 
 def save_identity(path: str | Path, embeddings: torch.Tensor, info: IdentityInfo) -> Path:
-    """Write the (num_vectors, hidden) embeddings with `info` as metadata, atomically."""
-    from safetensors.torch import save_file
+    """Write the (num_vectors, hidden) embeddings with `info` as metadata, atomically and byte-reproducibly."""
+    from .weights import write_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -60,41 +66,127 @@ def save_identity(path: str | Path, embeddings: torch.Tensor, info: IdentityInfo
     emb = embeddings.detach().to("cpu", torch.float32).contiguous()
     if emb.ndim != 2 or emb.shape[0] != info.num_vectors:
         raise ValueError(f"embeddings must be ({info.num_vectors}, hidden), got {tuple(emb.shape)}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        save_file({EMBEDDING_KEY: emb}, tmp, metadata=info.metadata())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors(path, {EMBEDDING_KEY: emb}, info.metadata())
 
 
-def read_identity_info(path: str | Path) -> IdentityInfo:
-    """Only the metadata (no tensor read): cheap enough for argument checks."""
+def split_spec(spec: str | Path) -> tuple[Path, str | None]:
+    """'FILE' or 'TOKEN=FILE' → (file, token or None); a file that exists as given is never split."""
+    text = str(spec)
+    if "=" in text and not Path(text).expanduser().exists():
+        token, path = text.split("=", 1)
+        if token and not any(c.isspace() for c in token):
+            return Path(path).expanduser(), token
+    return Path(text).expanduser(), None
+
+
+def _magicme_info(path: Path) -> IdentityInfo | None:
+    """A magicme identity's metadata without reading its tensor; None for any other file."""
+    if path.suffix.lower() != ".safetensors":
+        return None
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--identity {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             keys = list(f.keys())
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"--identity {str(path)!r} is not a readable .safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        return None
     if keys != [EMBEDDING_KEY]:
         raise ValueError(f"--identity {str(path)!r} holds {keys}, expected one tensor {EMBEDDING_KEY!r}")
     return IdentityInfo.from_metadata(meta, path)
 
 
-def read_identity(path: str | Path) -> tuple[torch.Tensor, IdentityInfo]:
+def _foreign(path: Path, token: str | None, need_token: bool = True) -> tuple[torch.Tensor, IdentityInfo]:
+    from .embeddings import read_embedding
+
+    e = read_embedding(path)
+    token = token or e.token or ""
+    if not token and need_token:
+        raise ValueError(
+            f"--identity {str(path)!r} names no token ({e.source} embedding): give it one with --token, "
+            f"e.g. --token '<{path.stem}>', or as --identity '<{path.stem}>={path}'"
+        )
+    info = IdentityInfo(token=token, class_word="", num_vectors=e.vectors.shape[0], base=e.base, steps=e.steps,
+                        hidden_size=e.vectors.shape[1], masked=e.source == "magic-me-reference", source=e.source)
+    return e.vectors, info
+
+
+def read_identity_info(spec: str | Path) -> IdentityInfo:
+    """What an identity says about itself (magicme files: metadata only, cheap enough for argument checks)."""
+    path, token = split_spec(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--identity {str(path)!r} does not exist")
+    info = _magicme_info(path)
+    if info is None:
+        return _foreign(path, token)[1]
+    return replace(info, token=token) if token else info
+
+
+def read_identity(spec: str | Path) -> tuple[torch.Tensor, IdentityInfo]:
+    """The (num_vectors, hidden) float32 vectors and the info of any supported identity file."""
     from safetensors.torch import load_file
 
-    info = read_identity_info(path)
-    return load_file(str(path))[EMBEDDING_KEY], info
+    path, token = split_spec(spec)
+    info = read_identity_info(spec)
+    if _magicme_info(path) is not None:
+        return load_file(str(path))[EMBEDDING_KEY], info
+    return _foreign(path, token)
+
+
+def with_token(identities: list[str], token: str | None) -> list[str]:
+    """`--token T`: the word for the one `--identity` file that names none (others keep theirs)."""
+    if token is None:
+        return identities
+
+    def names_none(spec) -> bool:
+        path, given = split_spec(spec)
+        return given is None and path.is_file() and _magicme_info(path) is None and not _foreign(path, None, need_token=False)[1].token
+
+    bare = [s for s in identities if names_none(s)]
+    if len(bare) != 1:
+        raise ValueError(
+            f"--token {token!r} names the token of the one --identity file without its own; {len(bare)} such files "
+            "were given: write each as --identity TOKEN=FILE"
+        )
+    return [f"{token}={s}" if s == bare[0] else s for s in identities]
+
+
+def identity_record(spec: str | Path) -> dict:
+    """The run record's entry for an identity: the file's fingerprint and the token it was used under."""
+    from .models import fingerprint
+
+    return {**fingerprint(str(split_spec(spec)[0])), "token": read_identity_info(spec).token}
+
+
+def convert_identity(src: str | Path, out: str | Path, token: str | None = None, class_word: str | None = None) -> Path:
+    """`magicme identity convert`: any supported identity file → magicme's .safetensors (never over an existing file)."""
+    out = Path(out)
+    spec = f"{token}={src}" if token else str(src)
+    emb, info = read_identity(spec)
+    if out.exists():
+        raise FileExistsError(f"OUT {str(out)!r} exists; choose a new file name")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"OUT {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    info = replace(info, class_word=class_word if class_word is not None else info.class_word, hidden_size=emb.shape[1])
+    return save_identity(out, emb, info)
+
+
+def describe_identity(spec: str | Path) -> dict:
+    """`magicme identity info`: what the file holds and what it says about itself."""
+    from .models import fingerprint
+
+    path, token = split_spec(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"FILE {str(path)!r} does not exist")
+    emb, info = read_identity(spec) if _magicme_info(path) else _foreign(path, token, need_token=False)
+    return {
+        "file": str(path), "format": info.source, "token": info.token, "vectors": emb.shape[0], "width": emb.shape[1],
+        "class_word": info.class_word, "base": info.base, "base_fingerprint": info.base_fingerprint,
+        "steps": info.steps, "norms": [round(float(n), 4) for n in emb.norm(dim=1)],
+        "fingerprint": fingerprint(str(path)).get("fingerprint", ""),
+    }
 
 
 def token_pattern(token: str) -> re.Pattern:
@@ -116,24 +208,77 @@ def check_prompt_tokens(prompts: list[str], infos: list[IdentityInfo]) -> None:
             raise ValueError(f"--prompt {prompt!r} does not contain the identity token {names}; write it e.g. as {example!r}")
 
 
+def id_tokens(token: str, num_vectors: int) -> list[str]:
+    """The tokenizer words of a K-vector identity, as stock diffusers names them: token, token_1 … token_{K-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
 def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
-    """Add each identity's tokens to `pipe`'s tokenizer and text encoder with stock `load_textual_inversion`."""
+    """Put each identity's vectors into `pipe`'s tokenizer and text encoder.
+
+    A new token is added with stock `load_textual_inversion`. A token this pipeline already has (a reused
+    model) gets its rows overwritten with the file's vectors, so the prompt always means the identity named
+    now; a base-vocabulary word, or a known token with another number of vectors, is refused.
+    """
     infos = [read_identity_info(p) for p in paths]
+    check_prompt_tokens([], infos)
+    added = set(pipe.tokenizer.get_added_vocab()) - set(pipe.tokenizer.all_special_tokens)
     vocab = pipe.tokenizer.get_vocab()
-    for path, info in zip(paths, infos):
-        if info.token in vocab:
-            continue  # already loaded into this pipeline (a reused model)
-        emb, _ = read_identity(path)
-        hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    for spec, info in zip(paths, infos):
+        emb, _ = read_identity(spec)
+        where = f"--identity {str(split_spec(spec)[0])!r}"
         if emb.shape[1] != hidden:
             raise ValueError(
-                f"--identity {str(path)!r} has {emb.shape[1]}-wide embeddings but the base model's text encoder "
+                f"{where} has {emb.shape[1]}-wide embeddings but the base model's text encoder "
                 f"is {hidden} wide: it was trained for another model family ({info.base or 'unknown'})"
             )
-        pipe.load_textual_inversion(
-            {info.token: emb.to(pipe.text_encoder.dtype)}, token=info.token, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
-        )
+        words = id_tokens(info.token, info.num_vectors)
+        if info.token not in vocab:
+            pipe.load_textual_inversion(
+                {info.token: emb.to(pipe.text_encoder.dtype)}, token=info.token, tokenizer=pipe.tokenizer,
+                text_encoder=pipe.text_encoder,
+            )
+            continue
+        if info.token not in added:
+            raise ValueError(f"{where}: its token {info.token!r} is a word of the base model's vocabulary; use another token")
+        known = next(i for i in range(1, len(vocab) + 1) if f"{info.token}_{i}" not in vocab)
+        if known != info.num_vectors:
+            raise ValueError(
+                f"{where}: this model already holds token {info.token!r} with {known} vectors, the file has "
+                f"{info.num_vectors}; give it another token (--identity TOKEN=FILE) or load a fresh model"
+            )
+        with torch.no_grad():
+            weight = pipe.text_encoder.get_input_embeddings().weight
+            weight[pipe.tokenizer.convert_tokens_to_ids(words)] = emb.to(weight.device, weight.dtype)
     return infos
+
+
+def check_prompt_length(pipe, prompt: str) -> None:
+    """CLIP reads 77 tokens (75 words + start/end); each identity token expands to K. Decide before encoding:
+    a prompt whose identity vectors would fall past the limit is refused (the subject would silently vanish);
+    one that loses only ordinary words is truncated as Stable Diffusion always does, with a warning naming them.
+    """
+    import logging
+
+    tokenizer = pipe.tokenizer
+    text = pipe.maybe_convert_prompt(prompt, tokenizer)  # the K-vector expansion the pipeline will apply
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return
+    special = set(tokenizer.all_special_tokens)
+    ours = {i for t, i in tokenizer.get_added_vocab().items() if t not in special}
+    lost = [i for i in ids[limit - 1 : -1] if i in ours]
+    words = len(ids) - 2
+    if lost:
+        token = tokenizer.convert_ids_to_tokens(lost[0])
+        raise ValueError(
+            f"--prompt {prompt[:60]!r}… is {words} tokens with the identity vectors expanded; the text encoder reads "
+            f"{limit - 2}, so identity token {token!r} would be cut off: shorten the prompt or put the token earlier"
+        )
+    cut = tokenizer.decode(ids[limit - 1 : -1]).strip()
+    logging.getLogger(__name__).warning("prompt is %d tokens, the text encoder reads %d: ignoring %r", words, limit - 2, cut)
 
 
 def check_resume_compatible(path: str | Path, saved: IdentityInfo, wanted: IdentityInfo, saved_base: dict, wanted_base: dict) -> None:

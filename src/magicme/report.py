@@ -174,17 +174,24 @@ def summary(results: list[str | Path], labels: list[str] | None = None) -> str:
 # ---- figures ------------------------------------------------------------------------------------
 
 
-def gamma_sweep_plot(groups: list[Group], path: Path) -> Path:
+def legend_label(group: Group) -> str:
+    """A configuration's legend entry: its label, with γ added unless the label already says it."""
+    said = "γ" in group.label or "gamma" in group.label.lower()
+    return group.label if said or group.gamma is None else f"{group.label} (γ={group.gamma})"
+
+
+def gamma_sweep_figure(groups: list[Group]):
     """Temporal consistency (CLIP and DINO) against motion magnitude: each video faint, each group's mean
-    with its 95 % CI, labelled with γ."""
+    with its 95 % CI; one legend entry per configuration, below both panels (not over the points)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained", sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, name) in zip(axes, (("temporal_clip", "CLIP-I Temp Consist"), ("temporal_dino", "DINO Temp Consist"))):
+    entries: dict[str, object] = {}  # legend text → handle: a configuration shown in both panels is listed once
+    for ax, (key, name) in zip(axes, (("temporal_clip", "CLIP-I temporal consistency"), ("temporal_dino", "DINO temporal consistency"))):
         for i, g in enumerate(groups):
             pts = [(r["motion"], r[key]) for r in g.rows if r.get("motion") is not None and r.get(key) is not None]
             if not pts:
@@ -193,12 +200,22 @@ def gamma_sweep_plot(groups: list[Group], path: Path) -> Path:
             c = colors[i % len(colors)]
             ax.scatter(x, y, s=8, alpha=0.25, color=c)
             (mx, hx, _), (my, hy, _) = mean_ci(x), mean_ci(y)
-            ax.errorbar(mx, my, xerr=hx or 0, yerr=hy or 0, fmt="o", color=c, capsize=3, label=f"{g.label} (γ={g.gamma})")
-        ax.set_xlabel("motion magnitude (mean |Δ pixel| between frames)")
+            handle = ax.errorbar(mx, my, xerr=hx or 0, yerr=hy or 0, fmt="o", color=c, capsize=3)
+            entries.setdefault(legend_label(g), handle)
+        ax.set_xlabel("motion magnitude (mean |Δ pixel| per frame)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle("γ sweep: temporal consistency vs motion")
+    fig.suptitle("γ sweep: temporal consistency vs motion (mean ± 95 % CI; faint: single videos)")
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=min(4, len(entries)), fontsize=8)
+    return fig
+
+
+def gamma_sweep_plot(groups: list[Group], path: Path) -> Path:
+    """`gamma_sweep_figure` written to `path` as PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = gamma_sweep_figure(groups)
     _atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

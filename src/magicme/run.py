@@ -118,6 +118,15 @@ def load_chain_config(path: str | Path, **overrides) -> ChainConfig:
         value = models.get(key)
         if value and value != "tiny" and (root / value).exists():  # relative local paths are relative to the file
             models[key] = str(root / value)
+    for key in ("loras", "motion_loras"):  # "FILE[:SCALE]" entries, files relative to the config file
+        from .lora import parse_lora
+
+        entries = [models[key]] if isinstance(models.get(key), str) else list(models.get(key) or [])
+        for i, entry in enumerate(entries):
+            file, scale = parse_lora(str(entry))
+            if (root / file).exists():
+                entries[i] = f"{root / file}:{scale}"
+        models[key] = tuple(entries)
     stages: dict[str, dict | None] = {}
     for stage in STAGES:
         table = data.get(stage, {})
@@ -176,8 +185,9 @@ def build_stage_configs(cfg: ChainConfig) -> dict[str, Any]:
                   identities=[str(out["train"])], models=cfg.models)
     configs: dict[str, Any] = {
         "prepare": PrepareConfig(images=cfg.images, class_word=cfg.class_word, out=out["prepare"], **prep),
+        # the identity trains on the plain base; the LoRAs join at generation (the paper's "mix and match")
         "train": TrainConfig(data=out["prepare"], token=cfg.token, class_word=cfg.class_word, out=out["train"],
-                             models=cfg.models, seed=cfg.seed, **train_opts),
+                             models=dataclasses.replace(cfg.models, loras=()), seed=cfg.seed, **train_opts),
         "generate": GenerateConfig(prompts=[cfg.prompt], negative_prompt=cfg.negative_prompt, seeds=[cfg.seed],
                                    gamma=cfg.gamma, identities=[str(out["train"])], models=cfg.models, **st["generate"]),
     }

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .evaluate import FACE_SCORES, MetricModels, face_score_config, load_referen
 from .faces import missing_packages
 from .identity import IdentityInfo, check_prompt_tokens, read_identity_info
 from .models import ModelSpec, fingerprint
+from .speed import SpeedOptions
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +120,18 @@ class SuiteConfig:
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"{where}: {e}") from None
 
-    def configuration(self) -> dict:
+    def configuration(self, device=None) -> dict:
         """What makes rows comparable: generation settings and every model's identity (not the subjects or
-    seeds, which only say which videos there are)."""
+    seeds, which only say which videos there are); with `device`, the device type and the precisions the
+    videos are generated and scored in, so a resume elsewhere cannot mix them into one file."""
         gen = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("subjects", "seeds", "models", "metrics")}
+        if device is not None:
+            import torch
+
+            device = torch.device(device)
+            gen["device"] = device.type
+            gen["dtype"] = str(self.models.speed.torch_dtype(device)).removeprefix("torch.")
+            gen["metrics_dtype"] = "float16" if device.type == "cuda" else "float32"  # as `Scorer` loads them
         spec = self.models
         models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler}
         if spec.base != "tiny":
@@ -137,6 +147,7 @@ class SuiteConfig:
 
 _SUBJECT_KEYS = {"name", "identity", "references", "prompts", "class_word"}
 _MODEL_KEYS = {"base": "base", "motion_adapter": "motion_adapter", "base_config": "base_config", "scheduler": "scheduler"}
+_SPEED_KEYS = {"dtype": "dtype"}  # auto: fp16 on CUDA, fp32 on CPU
 _METRIC_KEYS = {"clip_model": "clip", "dino_model": "dino", "batch_size": "batch_size"}
 _PLAIN_KEYS = {f.name for f in fields(SuiteConfig)} - {"subjects", "models", "metrics"}
 
@@ -177,7 +188,7 @@ def load_suite(path: str | Path, **overrides) -> SuiteConfig:
         if isinstance(doc.get(key), str) and (root / doc[key]).exists():
             doc[key] = str(root / doc[key])
     doc.update({k: v for k, v in overrides.items() if v is not None})
-    known = {"subjects"} | set(_MODEL_KEYS) | set(_METRIC_KEYS) | _PLAIN_KEYS
+    known = {"subjects"} | set(_MODEL_KEYS) | set(_SPEED_KEYS) | set(_METRIC_KEYS) | _PLAIN_KEYS
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ValueError(f"--subjects {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
@@ -185,9 +196,10 @@ def load_suite(path: str | Path, **overrides) -> SuiteConfig:
     plain = {k: doc[k] for k in _PLAIN_KEYS if k in doc}
     if "seeds" in plain:
         plain["seeds"] = list(plain["seeds"]) if isinstance(plain["seeds"], (list, tuple)) else [plain["seeds"]]
+    speed = SpeedOptions(**{v: doc[k] for k, v in _SPEED_KEYS.items() if k in doc})
     cfg = SuiteConfig(
         subjects=subjects,
-        models=ModelSpec(**{v: doc[k] for k, v in _MODEL_KEYS.items() if k in doc}),
+        models=ModelSpec(**{v: doc[k] for k, v in _MODEL_KEYS.items() if k in doc}, speed=speed),
         metrics=MetricModels(**{v: doc[k] for k, v in _METRIC_KEYS.items() if k in doc}),
         **plain,
     )
@@ -349,25 +361,11 @@ def subject_fingerprints(cfg: SuiteConfig) -> dict[str, dict]:
 
 
 def use_identity(pipe, path: Path, loaded: dict[str, Path]) -> IdentityInfo:
-    """Make `path` the identity its token means in `pipe` (stock load_textual_inversion the first time;
-    two subjects may share a token, e.g. a masked and an unmasked training of one subject)."""
-    import torch
+    """Make `path` the identity its token means in `pipe` (two subjects may share a token, e.g. a masked
+    and an unmasked training of one subject: `load_identities` then replaces the vectors)."""
+    from .identity import load_identities
 
-    from .identity import load_identities, read_identity
-
-    info = read_identity_info(path)
-    if info.token not in loaded:
-        load_identities(pipe, [path])
-    elif loaded[info.token] != path:
-        emb, _ = read_identity(path)
-        tokens = [info.token] + [f"{info.token}_{i}" for i in range(1, info.num_vectors)]
-        ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
-        known = [t for t in pipe.tokenizer.get_vocab() if t == info.token or t.startswith(info.token + "_")]
-        if len(known) != info.num_vectors or pipe.tokenizer.unk_token_id in ids:
-            raise ValueError(f"identity {str(path)!r} reuses token {info.token!r} with another number of vectors; retrain it with another --token")
-        with torch.no_grad():
-            weight = pipe.text_encoder.get_input_embeddings().weight
-            weight[ids] = emb.to(weight.device, weight.dtype)
+    (info,) = load_identities(pipe, [path])
     loaded[info.token] = path
     return info
 
@@ -383,37 +381,101 @@ class SuiteRun:
     rows: int  # rows in the merged results file
 
 
+def _process_state(device: str | None):
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True lets torchrun-launched processes on a GPU-less machine form a gloo group (MULTI_CPU)
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+@contextmanager
+def results_lock(results: Path, state):
+    """One suite run at a time on a results file: the main process holds an exclusive lock on `RESULTS.lock`
+    (released by the OS if the process dies) for the whole run, so a second run cannot merge over rows the
+    first is still appending; it is refused in every process, naming the holder."""
+    refused, fd, path = None, None, results.with_name(results.name + ".lock")
+    if state.is_main_process:
+        fd, refused = _lock_file(path, results)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise ValueError(refused)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # before unlocking: a run waiting on this file sees it is gone and retries
+            os.close(fd)
+
+
+def _lock_file(path: Path, results: Path) -> tuple[int | None, str | None]:
+    """(fd holding an exclusive flock on `path`, None), or (None, why it is held by another run)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; a single run at a time is then the user's to ensure
+        log.warning("--results: no file locking on this platform; do not run two suites on %s at once", results)
+        return None, None
+    import socket
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return None, (f"--results {str(results)!r} is in use by another evaluate-suite run ({holder}); "
+                          "wait for it to finish, or use another results file")
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the run that held it removed it as we opened it: lock the new file
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd, None
+
+
 def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | None = None, quiet: bool = False,
               device: str | None = None) -> SuiteRun:
     """Generate and score every job not yet in `results`; merge the rows into `results`.
 
     Runs unchanged in one process or under `accelerate launch` (jobs split by process index).
     `videos` (default: `<results>.videos/` beside it) receives each clip and its run record.
+    A second run on the same results file while this one runs is refused (`results_lock`).
     """
-    import sys
-
-    import torch
-    from accelerate import PartialState
-    from tqdm import tqdm
-
-    from .evaluate import Scorer, resolve_face_score
-    from .faces import is_person
-    from .generate import generate_video, run_record
-    from .models import load_pipeline
-    from .video import to_uint8, write_sidecar, write_video
-
     results = Path(results)
     if results.suffix != ".jsonl":
         raise ValueError(f"--results {str(results)!r} must end in .jsonl")
     if not results.parent.is_dir():
         raise FileNotFoundError(f"--results {str(results)!r}: folder {str(results.parent)!r} does not exist")
     cfg.check()
+    with results_lock(results, _process_state(device)):
+        return _run_suite(cfg, results, videos=videos, quiet=quiet, device=device)
+
+
+def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, quiet: bool, device: str | None) -> SuiteRun:
+    import sys
+
+    from tqdm import tqdm
+
+    from .evaluate import Scorer, resolve_face_score
+    from .faces import is_person
+    from .generate import generate_video, run_record
+    from .models import load_pipeline
+    from .video import read_video, write_sidecar, write_video
+
     videos = Path(videos) if videos else results.with_name(results.name + ".videos")
-    configuration = cfg.configuration()
+    state = _process_state(device)
+    dev = device or state.device
+    configuration = cfg.configuration(dev)
     cid = config_id(configuration)
     subjects = subject_fingerprints(cfg)
-    # cpu=True lets torchrun-launched processes on a GPU-less machine form a gloo group (MULTI_CPU)
-    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     existing = [r for p in [results, *part_paths(results)] for r in read_rows(p)]
     check_compatible(existing, configuration, subjects, results)
     done = {row_key(r) for r in existing}
@@ -422,14 +484,13 @@ def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | Non
     mine = todo[state.process_index :: state.num_processes]
     out = results if state.num_processes == 1 else results.with_name(f"{results.name}.part-{state.process_index:03d}")
     if mine:
-        dev = device or state.device
         pipe = load_pipeline(cfg.models, device=dev)
         pipe.set_progress_bar_config(disable=True)
         people = any(is_person(s.class_word or (s.info().class_word if s.identity else "")) for s in cfg.subjects)
         face, people_only = resolve_face_score(cfg.face_score, cfg.face_model, cfg.face_detector, people=people)
         scorer = Scorer(cfg.metrics, device=dev, face=face, face_people_only=people_only)
         loaded: dict[str, Path] = {}
-        height, width = cfg.generate_config(cfg.subjects[0]).size()
+        height, width = cfg.generate_config(cfg.subjects[0]).size(pipe)
         show = not quiet and sys.stderr.isatty() and state.is_main_process
         for job in tqdm(mine, desc="suite", disable=not show):
             s = job.subject
@@ -438,12 +499,12 @@ def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | Non
                 pipe, job.prompt, negative_prompt=cfg.negative_prompt, seed=job.seed, frames=cfg.frames,
                 height=height, width=width, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
             )
-            frames = to_uint8(frames)
             tag = hashlib.sha256(job.prompt.encode()).hexdigest()[:8]  # an edited prompt list never overwrites a kept clip
             clip = videos / s.name / f"p{job.prompt_index:03d}_{tag}_s{job.seed}.{cfg.video_format}"
             clip.parent.mkdir(parents=True, exist_ok=True)
             write_video(frames, clip)
             write_sidecar(clip, run_record(cfg.generate_config(s), job.prompt, job.seed, height, width))
+            frames = read_video(clip)  # score the clip as saved (codec and all), as `magicme evaluate` on it would
             class_word = (s.class_word or info.class_word) if info else s.class_word
             token = info.token if info else None
             metrics = scorer.score(frames, s.references, job.prompt, token=token, class_word=class_word)

@@ -83,12 +83,26 @@ def write_tiny_clip_tokenizer_files(folder: str | Path, num_merges: int = 400) -
     return vocab_file, merges_file
 
 
-def tiny_clip_tokenizer():
-    """A `transformers.CLIPTokenizer` over the built-in vocabulary (max length 77, like CLIP)."""
+def tiny_clip_tokenizer(vocab_size: int | None = None):
+    """A `transformers.CLIPTokenizer` over the built-in vocabulary (max length 77, like CLIP).
+
+    `vocab_size` pads the vocabulary with unused entries to that size, the special tokens last as in CLIP
+    (49,408 with `<|startoftext|>` 49406 and `<|endoftext|>` 49407): a stand-in of the real tokenizer's size
+    for the real-size runs, since CLIP's own vocabulary cannot be downloaded here.
+    """
+    import json
     import tempfile
 
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = write_tiny_clip_tokenizer_files(tmp)
+        if vocab_size is not None:
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            words = [t for t in sorted(vocab, key=vocab.get) if not t.startswith("<|")]
+            if vocab_size < len(words) + 2:
+                raise ValueError(f"vocab_size must be at least {len(words) + 2}, got {vocab_size}")
+            words += [f"<|unused{i}|>" for i in range(vocab_size - 2 - len(words))]
+            padded = {t: i for i, t in enumerate(words + ["<|startoftext|>", "<|endoftext|>"])}
+            vocab_file.write_text(json.dumps(padded, ensure_ascii=False), encoding="utf-8")
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token="<|endoftext|>")

@@ -227,6 +227,13 @@ def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch
 
     parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
     parts.pop("motion_adapter", None)
+    if spec.loras:  # optional: the identity is then learned on the LoRA'd model (frozen like the rest)
+        from diffusers import StableDiffusionPipeline
+
+        from .lora import apply_loras
+
+        sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        apply_loras(sd, spec.loras)
     parts["noise_scheduler"] = DDPMScheduler.from_config(parts.pop("scheduler").config)
     for name in ("vae", "unet", "text_encoder"):
         m = parts[name]
@@ -270,6 +277,8 @@ class IdTrainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.micro_batch = cfg.micro_batch or cfg.batch_size
         self.step_done = 0
+        self.loss_start: float | None = None  # the run's first evaluation loss, kept across --resume
+        self.saved: Path | None = None  # the checkpoint of step `step_done`, once written
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -370,12 +379,14 @@ class IdTrainer:
             steps=steps,
             hidden_size=int(self.id_tokens.embeddings.shape[1]),
             masked=self.cfg.masked,
+            base_fingerprint=fingerprint(self.cfg.models.base).get("fingerprint", ""),
         )
 
     def state_record(self) -> dict:
         cfg = self.cfg
         return {
             "step": self.step_done,
+            "loss_start": self.loss_start,
             "identity": self.identity_info(self.step_done).metadata(),
             "base": fingerprint(cfg.models.base),
             "settings": {k: getattr(cfg, k) for k in ("seed", "lr", "batch_size", "masked", "noise_offset", "full_mask_share", "weight_decay")}
@@ -406,6 +417,7 @@ class IdTrainer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self.saved = dest
         return dest
 
     def load_checkpoint(self, path: Path) -> None:
@@ -424,6 +436,9 @@ class IdTrainer:
         if changed:
             log.warning("--resume %s: settings differ from the checkpoint's, so the run will not match an uninterrupted one: %s", path, changed)
         tensors = load_file(str(path / "state.safetensors"))
+        self.loss_start = record.get("loss_start")
+        if self.loss_start is None:  # a checkpoint from before it was kept: the vectors are still the run's start
+            self.loss_start = self.evaluation_loss()
         with torch.no_grad():
             self.id_tokens.embeddings.copy_(tensors["id_embeddings"].to(self.id_tokens.embeddings.device))
         adam = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("adamw.")}
@@ -434,6 +449,7 @@ class IdTrainer:
         if record.get("grad_scaler"):
             self.scaler.load_state_dict(record["grad_scaler"])
         self.step_done = int(record["step"])
+        self.saved = path
 
     @torch.no_grad()
     def validation_frames(self):
@@ -488,6 +504,9 @@ def latest_checkpoint(folder: Path) -> Path:
 def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None) -> TrainResult:
     """Train one identity's extended ID tokens and write `cfg.out`; Ctrl-C saves a checkpoint and re-raises.
 
+    Ctrl-C at any point after the first step, the final loss evaluation and writing included, leaves a
+    checkpoint of the last finished step; `--resume` continues it (from the last step: only what was left).
+
     `step_callback(step, loss)` runs after each optimizer step (a live loss curve; raising from it
     stops training with nothing written but the checkpoints already saved).
     """
@@ -511,9 +530,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
     trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
     if resume is not None:
         trainer.load_checkpoint(resume)
-        if trainer.step_done >= cfg.steps:
-            raise ValueError(f"--resume {str(resume)!r} is already at step {trainer.step_done}; raise --steps above it")
-    loss_start = trainer.evaluation_loss()
+        if trainer.step_done > cfg.steps:
+            raise ValueError(f"--resume {str(resume)!r} is already at step {trainer.step_done}; raise --steps to it or above")
+    if trainer.loss_start is None:
+        trainer.loss_start = trainer.evaluation_loss()
+    loss_start = trainer.loss_start
     ckpt_dir = cfg.checkpoints()
     bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="train ID tokens", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
     try:
@@ -525,16 +546,17 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
                 step_callback(trainer.step_done, loss)
             if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
                 trainer.save_checkpoint(ckpt_dir)
+        bar.close()
+        loss_end = trainer.evaluation_loss()
+        info = trainer.identity_info(cfg.steps)
+        path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
     except KeyboardInterrupt:
         bar.close()
         if trainer.step_done > 0:
-            saved = trainer.save_checkpoint(ckpt_dir, validation=False)
-            print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {saved} (continue with --resume)", file=sys.stderr)
+            if trainer.saved is None or trainer.saved.name != f"step-{trainer.step_done:06d}":  # keep one with validation frames
+                trainer.save_checkpoint(ckpt_dir, validation=False)
+            print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {trainer.saved} (continue with --resume)", file=sys.stderr)
         raise
-    bar.close()
-    loss_end = trainer.evaluation_loss()
-    info = trainer.identity_info(cfg.steps)
-    path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
     record = {
         "task": "train",
         "identity": info.metadata(),
@@ -542,7 +564,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
-        "models": {"base": fingerprint(cfg.models.base)},
+        "models": {"base": fingerprint(cfg.models.base)} | cfg.models.formats_record(),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
     }

@@ -18,13 +18,14 @@ from typing import Callable
 import numpy as np
 
 from .esrgan import load_rrdbnet
-from .models import TINY, ModelSpec, TinyPreset, _from_pretrained, fingerprint
+from .models import TINY, ModelNotFoundError, ModelSpec, TinyPreset, _resolve, fingerprint
 from .v2v import (
     check_common,
     check_context,
     load_stage_pipeline,
     model_size,
     partial_denoise_windows,
+    stage_dtype,
     read_input_video,
     resize_frames,
     stage_record,
@@ -35,21 +36,25 @@ from .video import check_output_path, write_sidecar, write_video
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTROLNET = "lllyasviel/control_v11f1e_sd15_tile"
+NO_CONTROLNET = "none"  # --controlnet none: plain partial denoising of the tiles, as the reference workflow allows
 
 # -- tiling math (pure functions) ---------------------------------------------------------------------
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `tile` px covering [0, length) with at least `overlap` px shared.
+def tile_span(length: int, tile: int, overlap: int, multiple: int = 8) -> tuple[int, list[int]]:
+    """The fewest tiles covering [0, length) whose neighbours share at least `overlap` px: (side, start offsets).
 
-    Tiles step by tile − overlap; the last one is aligned to the end, so every pixel is covered.
+    ceil(length / tile) tiles, each widened from length / n just enough to share the overlap (rounded up to a
+    multiple of `multiple`, the VAE's scale), so a tile is at most about tile + overlap: 1024 px at tile 512 and
+    overlap 64 is 2 tiles of 544 at 0 and 480, not 3 of 512. The tiles are spread evenly, the last flush with the end.
     """
-    assert 0 <= overlap < tile <= length, (length, tile, overlap)
-    count = 1 + math.ceil(max(length - tile, 0) / (tile - overlap))
-    if count == 1:
-        return [0]
-    # spread the tiles evenly: the overlap grows a little rather than leaving a thin last tile
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+    assert 0 <= overlap < tile <= length and tile % multiple == 0, (length, tile, overlap, multiple)
+    n = math.ceil(length / tile)
+    while (side := multiple * math.ceil((length + (n - 1) * overlap) / (n * multiple))) > length:
+        n += 1  # rounding up overshot a short side: one tile more
+    if n == 1:
+        return side, [0]
+    return side, [round(i * (length - side) / (n - 1)) for i in range(n)]
 
 
 def ramp_window(tile: int, overlap: int) -> np.ndarray:
@@ -62,22 +67,26 @@ def ramp_window(tile: int, overlap: int) -> np.ndarray:
     return w
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """(y, x) of the top-left corner of every tile, row by row."""
-    return [(y, x) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
+def tile_grid(height: int, width: int, tile: int, overlap: int, multiple: int = 8) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The tile size (th, tw) and the (y, x) of every tile's top-left corner, row by row (see `tile_span`)."""
+    th, ys = tile_span(height, tile, overlap, multiple)
+    tw, xs = tile_span(width, tile, overlap, multiple)
+    return (th, tw), [(y, x) for y in ys for x in xs]
 
 
-def blend_weights(height: int, width: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
-    """Tile corners, the separable window (tile, tile) and its accumulated sum over the frame (H, W).
+def blend_weights(
+    height: int, width: int, tile: int, overlap: int, multiple: int = 8
+) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+    """Tile corners, the separable window (th, tw) and its accumulated sum over the frame (H, W).
 
     The weight of tile i at a pixel is window / total; these sum to one wherever a tile lies, which is
-    everywhere (see `tile_starts`).
+    everywhere (see `tile_span`).
     """
-    grid = tile_grid(height, width, tile, overlap)
-    window = np.outer(ramp_window(tile, overlap), ramp_window(tile, overlap))
+    (th, tw), grid = tile_grid(height, width, tile, overlap, multiple)
+    window = np.outer(ramp_window(th, overlap), ramp_window(tw, overlap))
     total = np.zeros((height, width), dtype=np.float64)
     for y, x in grid:
-        total[y : y + tile, x : x + tile] += window
+        total[y : y + th, x : x + tw] += window
     return grid, window, total
 
 
@@ -87,22 +96,24 @@ def tiled_map(
     tile: int,
     overlap: int,
     batch: int = 1,
+    multiple: int = 8,
 ) -> np.ndarray:
     """Apply `fn` to overlapping tile clips of frames (F, H, W, 3) and blend the results back.
 
-    `fn` maps a batch of tile clips (B, F, tile, tile, 3) to the same shape; at most `batch` tiles are
+    `fn` maps a batch of tile clips (B, F, th, tw, 3) to the same shape; at most `batch` tiles are
     passed at once. With `fn` the identity, the frames come back unchanged (weights sum to one).
     """
     _, height, width, _ = frames.shape
-    grid, window, total = blend_weights(height, width, tile, overlap)
+    grid, window, total = blend_weights(height, width, tile, overlap, multiple)
+    th, tw = window.shape
     acc = np.zeros(frames.shape, dtype=np.float32)  # float32: a ×4 clip's float64 sum would take GBs
     for i in range(0, len(grid), batch):
         corners = grid[i : i + batch]
-        clips = np.stack([frames[:, y : y + tile, x : x + tile] for y, x in corners])
+        clips = np.stack([frames[:, y : y + th, x : x + tw] for y, x in corners])
         results = fn(clips)
         assert results.shape == clips.shape, (results.shape, clips.shape)
         for (y, x), res in zip(corners, results):
-            acc[:, y : y + tile, x : x + tile] += res * window[None, :, :, None]
+            acc[:, y : y + th, x : x + tw] += res * window[None, :, :, None]
     return (acc / total[None, :, :, None].astype(np.float32)).astype(frames.dtype)
 
 
@@ -145,13 +156,33 @@ def tiny_controlnet(preset: TinyPreset = TinyPreset(), seed: int = 1):
     return net.eval()
 
 
-def load_controlnet(name: str | None, base: str, dtype=None):
-    """ControlNet Tile: `name` (hub id or folder), or the default for the base (the tiny one for the tiny preset)."""
+def _controlnet_not_found(name: str, detail: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"--controlnet {name!r} not found: {detail}. Give a hub id (e.g. {DEFAULT_CONTROLNET!r}), a folder saved with "
+        "ControlNetModel.save_pretrained, or --controlnet none to restore the tiles without one."
+    )
+
+
+def check_controlnet(name: str) -> str:
+    """A ControlNet name that is an existing folder or a hub id (no weights are read); else ModelNotFoundError."""
+    try:
+        return _resolve("ControlNet", name)[0]
+    except ModelNotFoundError:
+        raise _controlnet_not_found(name, "no such folder, and not a hub id (owner/name)") from None
+
+
+def load_controlnet(name: str, dtype=None):
+    """ControlNet Tile by hub id or folder; `TINY`: the tiny preset's random one."""
     from diffusers import ControlNetModel
 
-    if name is None and base == TINY:
+    if name == TINY:
         return tiny_controlnet()
-    return _from_pretrained(ControlNetModel, "ControlNet", name or DEFAULT_CONTROLNET, dtype=dtype)
+    path = check_controlnet(name)
+    try:
+        return ControlNetModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:  # hub errors subclass OSError; unreadable configs raise ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _controlnet_not_found(name, f"not a readable ControlNet folder, or not reachable on the hub ({first})") from None
 
 
 # -- the stage ------------------------------------------------------------------------------------------
@@ -166,11 +197,11 @@ class UpscaleConfig:
     scale: int = 2  # §4.3: 512 → 1024 by ESRGAN
     strength: float = 0.2  # §5.2: Tiled VCD denoises 20 %
     upscaler: str | None = None  # ESRGAN/Real-ESRGAN .pth/.safetensors; None: Lanczos
-    tile: int | None = None  # None: the model's native size (512; tiny 64)
+    tile: int | None = None  # None: the model's native size (512; tiny 64); tiles grow by < overlap to stay fewest
     overlap: int | None = None  # None: tile // 8
     tile_batch: int = 4  # tiles denoised together; peak memory grows with it
     context: int = 16  # frames denoised together (AnimateDiff's context length)
-    controlnet: str | None = None  # None: lllyasviel/control_v11f1e_sd15_tile (tiny preset: a random tiny one)
+    controlnet: str | None = None  # None: lllyasviel/control_v11f1e_sd15_tile (tiny preset: a random tiny one); "none": without
     controlnet_scale: float = 1.0
     seed: int = 0
     steps: int = 25
@@ -197,20 +228,27 @@ class UpscaleConfig:
             raise ValueError(f"--tile-batch must be an integer >= 1, got {self.tile_batch!r}")
         if not self.controlnet_scale >= 0:
             raise ValueError(f"--controlnet-scale must be >= 0, got {self.controlnet_scale!r}")
-        if self.controlnet is not None:
-            from .models import _resolve
+        name = self.controlnet_name()
+        if name not in (None, TINY):  # the default too: a bad ControlNet is named before the base model loads
+            check_controlnet(name)
 
-            _resolve("ControlNet", self.controlnet)
+    def controlnet_name(self) -> str | None:
+        """The ControlNet Tile to load (`TINY` for the tiny preset's), or None for `--controlnet none`."""
+        if self.controlnet == NO_CONTROLNET:
+            return None
+        if self.controlnet is None:
+            return TINY if self.models.base == TINY else DEFAULT_CONTROLNET
+        return self.controlnet
 
-    def tile_size(self) -> int:
-        return self.tile if self.tile is not None else model_size(self.models)
+    def tile_size(self, pipe=None) -> int:
+        return self.tile if self.tile is not None else model_size(self.models, pipe)
 
-    def overlap_size(self) -> int:
-        return self.overlap if self.overlap is not None else self.tile_size() // 8
+    def overlap_size(self, pipe=None) -> int:
+        return self.overlap if self.overlap is not None else self.tile_size(pipe) // 8
 
-    def check_frame(self, height: int, width: int) -> None:
+    def check_frame(self, height: int, width: int, pipe=None) -> None:
         """The upscaled frame must hold at least one tile."""
-        tile = self.tile_size()
+        tile = self.tile_size(pipe)
         if tile > min(height * self.scale, width * self.scale):
             raise ValueError(
                 f"--tile {tile} is larger than the upscaled frame ({width * self.scale}×{height * self.scale}); "
@@ -234,12 +272,13 @@ def tiled_vcd(
     cfg.check()
     out = check_output_path(out)
     frames = read_input_video(video)
-    cfg.check_frame(*frames.shape[1:3])
-    tile, overlap = cfg.tile_size(), cfg.overlap_size()
+    cfg.check_frame(*frames.shape[1:3], pipe=pipe)
     upscaler = load_rrdbnet(cfg.upscaler) if cfg.upscaler else None  # a bad weight file fails before the big models load
+    name = cfg.controlnet_name()
+    controlnet = load_controlnet(name, dtype=stage_dtype(cfg.models, pipe, device)) if name else None  # before the base, too
 
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
-    controlnet = load_controlnet(cfg.controlnet, cfg.models.base, dtype=pipe.unet.dtype)
+    tile, overlap = cfg.tile_size(pipe), cfg.overlap_size(pipe)
     tile_pipe = video_pipeline(pipe, controlnet)
 
     if upscaler is not None:
@@ -257,14 +296,14 @@ def tiled_vcd(
             step_callback=step_callback,
         )
 
-    result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch)
+    result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch, pipe.vae_scale_factor)
     write_video(result, out, fps=cfg.fps)
-    controlnet_name = cfg.controlnet or (TINY if cfg.models.base == TINY else DEFAULT_CONTROLNET)
     extra = {
         "tile": tile,
+        "tile_size": list(tile_grid(*upscaled.shape[1:3], tile, overlap, pipe.vae_scale_factor)[0]),
         "overlap": overlap,
         "tiles": done,
-        "controlnet_model": fingerprint(controlnet_name),
+        "controlnet_model": fingerprint(name) if name else None,
         "upscaler_model": fingerprint(cfg.upscaler) if cfg.upscaler else "lanczos",
     }
     write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, **extra))

@@ -3,8 +3,9 @@
 The clip is encoded by the VAE, noised to the start timestep of `strength` with noise drawn from the
 3D Gaussian noise prior (eq. 4), and handed as `latents=` to diffusers' `AnimateDiffVideoToVideoPipeline`
 (or its ControlNet twin), which runs the remaining steps. We never copy their loop: with γ = 0 the
-result is the stock pipeline's, bit for bit. Face VCD (`face.py`) and Tiled VCD (`upscale.py`) are
-built on `partial_denoise`.
+result is the stock pipeline's, bit for bit. A clip longer than the motion module's context runs in
+diffusers' FreeNoise windows (overlapping, blended at every step) over one noise-prior draw, as `generate`
+does. Face VCD (`face.py`) and Tiled VCD (`upscale.py`) are built on `partial_denoise`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from .generate import check_gamma_arg
-from .identity import check_prompt_tokens, load_identities, read_identity_info
-from .models import TINY, ModelSpec, TinyPreset, fingerprint, load_pipeline
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info
+from .long_video import plan_windows, windowed
+from .models import TINY, ModelSpec, check_motion_frames, fingerprint, load_pipeline, native_resolution
 from .noise_prior import correlate_frames
 from .video import check_output_path, read_video, write_sidecar, write_video
 
@@ -141,11 +143,14 @@ def partial_denoise(
 
     `pipe` is a video-to-video pipeline (`video_pipeline`); with a ControlNet, each clip conditions
     itself (ControlNet Tile). Each clip gets its own generator from `seeds`, so a clip's result does not
-    depend on which others share its batch. H and W must be multiples of 8.
+    depend on which others share its batch. H and W must be multiples of the VAE's scale (8).
     """
     clips = np.asarray(clips, dtype=np.float32)
     assert clips.ndim == 5 and clips.shape[-1] == 3 and len(seeds) == clips.shape[0], clips.shape
     b, f, h, w, _ = clips.shape
+    for text in (prompt, negative_prompt):
+        if text:
+            check_prompt_length(pipe, text)
     device = pipe._execution_device
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     video = pipe.video_processor.preprocess_video(clips, height=h, width=w)  # (B, 3, F, H, W) in [-1, 1]
@@ -155,8 +160,8 @@ def partial_denoise(
     if hasattr(pipe, "controlnet"):
         kwargs |= dict(conditioning_frames=control_frames(clips), controlnet_conditioning_scale=controlnet_scale)
     out = pipe(
-        prompt=[prompt] * b,
-        negative_prompt=[negative_prompt] * b if negative_prompt else None,
+        prompt=prompt if b == 1 else [prompt] * b,  # one clip: a string, as FreeNoise windows need
+        negative_prompt=(negative_prompt if b == 1 else [negative_prompt] * b) if negative_prompt else None,
         height=h,
         width=w,
         num_inference_steps=steps,
@@ -171,16 +176,24 @@ def partial_denoise(
 
 
 def partial_denoise_windows(pipe, clips: np.ndarray, prompt: str, *, context: int, seeds: list[int], **kwargs) -> np.ndarray:
-    """`partial_denoise` over consecutive windows of `context` frames (the motion module sees at most that many).
+    """`partial_denoise` of clips (B, F, H, W, 3) of any length; the motion module sees at most `context` frames.
 
-    Window w of clip i is seeded with seeds[i] + w·context, so each window's noise is its own.
+    A longer clip runs in diffusers' FreeNoise windows of `context` frames, `context // 4` apart, blended with
+    pyramid weights at every step (as `generate` does), from one noise-prior draw over the whole clip with its
+    own seed: no seam where windows meet. It is padded at the end with mirrored frames to a whole number of
+    strides (see `long_video.tiled_frames`) and cut back; such clips run one at a time (FreeNoise encodes one
+    prompt per call).
     """
-    frames = clips.shape[1]
-    parts = [
-        partial_denoise(pipe, clips[:, s : s + context], prompt, seeds=[seed + s for seed in seeds], **kwargs)
-        for s in range(0, frames, context)
-    ]
-    return np.concatenate(parts, axis=1)
+    b, frames = clips.shape[:2]
+    check_motion_frames(min(context, frames), pipe.unet.config.get("motion_max_seq_length"), "--context")
+    if frames <= context:
+        return partial_denoise(pipe, clips, prompt, seeds=seeds, **kwargs)
+    plan = plan_windows(frames, context, max(1, context // 4), "pyramid")
+    pad = ((0, 0), (0, plan.padded_frames - frames)) + ((0, 0),) * (clips.ndim - 2)
+    padded = np.pad(clips, pad, mode="reflect")
+    with windowed(pipe, plan):
+        parts = [partial_denoise(pipe, padded[i : i + 1], prompt, seeds=[seeds[i]], **kwargs) for i in range(b)]
+    return np.concatenate(parts)[:, :frames]
 
 
 def check_context(context: int) -> None:
@@ -222,12 +235,21 @@ def check_common(cfg) -> None:
     if not cfg.guidance >= 0:
         raise ValueError(f"--guidance must be >= 0, got {cfg.guidance!r}")
     cfg.models.check()
+    if isinstance(cfg.context, int):
+        cfg.models.check_frames(cfg.context, "--context")
     check_prompt_tokens([cfg.prompt], [read_identity_info(p) for p in cfg.identities])
 
 
-def model_size(spec: ModelSpec) -> int:
-    """The base model's native side in pixels (512 for SD-1.5, 64 for the tiny preset)."""
-    return TinyPreset().resolution if spec.base == TINY else 512
+def model_size(spec: ModelSpec, pipe=None) -> int:
+    """The base model's native side in pixels (SD-1.5 512, SD-2 768, tiny 64): from `pipe` when loaded, else its configs."""
+    return native_resolution(spec, pipe)
+
+
+def stage_dtype(spec: ModelSpec, pipe=None, device: str | None = None) -> torch.dtype:
+    """The dtype the stage's models run in: `pipe`'s, or the one `load_pipeline` will choose for `device`."""
+    if pipe is not None:
+        return pipe.unet.dtype
+    return spec.speed.torch_dtype(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
 
 
 def read_input_video(path: str | Path) -> np.ndarray:
@@ -266,19 +288,21 @@ def load_stage_pipeline(models: ModelSpec, identities: list[str], device: str | 
 def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet: bool = False, device: str | None = None) -> Path:
     """Partially denoise the clip at `video` with `cfg`; write it to `out` with its run record; return `out`.
 
-    The clip is denoised at its own size rounded down to a multiple of 8 and resized back, so the
-    output has the input's frame count and size.
+    The clip is denoised at its own size rounded down to a multiple of the VAE's scale factor (8 for
+    SD) and resized back, so the output has the input's frame count and size.
     """
     cfg.check()
     out = check_output_path(out)
     frames = read_input_video(video)
     f, h, w, _ = frames.shape
-    if h < 8 or w < 8:
+    if h < 8 or w < 8:  # 8: every SD-family VAE's scale; checked again against the loaded one below
         raise ValueError(f"--video frames must be at least 8×8 pixels, got {w}×{h}")
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
     v2v_pipe = video_pipeline(pipe)
-    h8, w8 = h // 8 * 8, w // 8 * 8
-    clip = resize_frames(frames.astype(np.float32) / 255.0, h8, w8)
+    scale = pipe.vae_scale_factor
+    if h < scale or w < scale:
+        raise ValueError(f"--video frames must be at least {scale}×{scale} pixels (the VAE's scale), got {w}×{h}")
+    clip = resize_frames(frames.astype(np.float32) / 255.0, h // scale * scale, w // scale * scale)
     result = partial_denoise_windows(
         v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
         guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt,
@@ -298,7 +322,8 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> di
             models["motion_adapter"]["weights"] = spec.adapter_weights()
         if spec.base_config:
             models["base_config"] = spec.base_config
-    models["identities"] = [{**fingerprint(p), "token": read_identity_info(p).token} for p in cfg.identities]
+    models |= spec.formats_record()
+    models["identities"] = [identity_record(p) for p in cfg.identities]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("models", "identities")}
     source = {"path": str(Path(video).resolve()), "frames": shape[0], "height": shape[1], "width": shape[2]}
     return {"task": task, "input": source, "models": models, **settings, **extra}
