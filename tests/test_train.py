@@ -260,6 +260,7 @@ def test_train_cli_writes_identity_and_generate_uses_it(prepared, tmp_path, caps
     assert code == 2 and len(err) == 1 and "'<v*>'" in err[0]  # the prompt must name the identity's token
     code = main(["generate", "--identity", str(out), "--prompt", "a <v*> toy", "--frames", "2", "--steps", "1", "--out", str(tmp_path / "v.gif"), "--quiet"])
     assert code == 0 and (tmp_path / "v.gif").is_file()
+    assert "noise" in capsys.readouterr().err  # the tiny preset's warning
     code = main(["train", "--data", str(prepared), "--num-vectors", "0", "--out", str(tmp_path / "y.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--num-vectors" in err[0] and not (tmp_path / "y.safetensors").exists()

@@ -6,14 +6,118 @@ Errors a user can cause (ValueError, FileNotFoundError, FileExistsError) print o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 
+def _warn(args, message: str) -> None:
+    print(f"magicme {args.command}: warning: {message}", file=sys.stderr)
+
+
+def _real_weights_hint(flag: str) -> str:
+    return (f"name real weights, e.g. {flag} stable-diffusion-v1-5/stable-diffusion-v1-5 (a hub id, downloaded once) "
+            "or a local diffusers folder / .safetensors checkpoint")
+
+
+def _warn_tiny(args, base: str, flag: str = "--base") -> None:
+    """The one-line warning of every command that ran the tiny random-weight model: its output is noise.
+
+    Said once the output is written, beside its name (bad input gets its one error line and nothing else)."""
+    if base == "tiny":
+        _warn(args, f"{flag} tiny is the random-weight test model: the output is noise, not a picture; "
+                    f"for real output {_real_weights_hint(flag)}")
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    return bool(action.option_strings) and not (default is None or default is False or default == "" or default is argparse.SUPPRESS)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, off, empty) or the help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return f"{text} (default: %(default)s)".strip() if _shows_default(action) and "default" not in text else text
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option, kept for one release: hidden from --help, stored like the new one, with a note."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: note: {option_string} is deprecated and goes in the next release; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _explicit_dests(argv: list[str]) -> set[str]:
+    """The destinations of the options given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        p._defaults.clear()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            else:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+_RECORD_TASKS = {"generate": "t2v", "v2v": "v2v", "face": "face", "upscale": "upscale", "train": "train"}
+_MODEL_FLAGS = {"base", "motion_adapter", "base_config", "scheduler", "preset"}
+_SPEED_FLAGS = {"dtype", "low_vram", "attention_slicing", "compile"}
+
+
+def _apply_record(args, cfg):
+    """With --from-record: the recorded config, the flags given on the command line overriding it (`cfg` holds
+    them); the recorded input clip and device too, unless given."""
+    if not getattr(args, "from_record", None):
+        return cfg
+    from .records import changed_inputs, read_record, rerun_config
+
+    record = read_record(args.from_record)
+    task = _RECORD_TASKS[args.command]
+    if record.get("task") != task:
+        raise ValueError(f"--from-record {args.from_record!r} is a {record.get('task')!r} record; magicme {args.command} reads {task!r} records")
+    renames = {"identity": "identities", "no_mask": "masked", **({"prompt": "prompts", "seed": "seeds"} if task == "t2v" else {})}
+    given = {renames.get(d, d) for d in args.explicit}
+    given = {f"models.speed.{n}" if n in _SPEED_FLAGS else f"models.{n}" if n in _MODEL_FLAGS else n for n in given}
+    try:
+        out = rerun_config(record, cfg, given)
+    except ValueError as e:
+        raise ValueError(f"--from-record {args.from_record!r}: {e}") from None
+    if record.get("device") and "device" not in args.explicit:
+        import torch
+
+        if not record["device"].startswith("cuda") or torch.cuda.is_available():
+            args.device = record["device"]
+        else:
+            _warn(args, f"the record was made on {record['device']}, which this machine lacks: running on the CPU, so the output will differ")
+    if "video" in vars(args) and "video" not in args.explicit:  # the V2V stages' input clip
+        args.video = record.get("input", {}).get("path")
+    for what, path in changed_inputs(record, out, getattr(args, "video", None)):
+        _warn(args, f"{what} {path!r} has changed since the record was written: the output will differ")
+    return out
+
+
+def _required(args, dest: str):
+    value = getattr(args, dest)
+    if value is None:
+        raise ValueError(f"--{dest.replace('_', '-')} is required (or --from-record RECORD.json)")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default)")
+    g.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny' (default); or a Wan 2.x T2V diffusers model")
+    g.add_argument("--backbone", default="auto", choices=["auto", "animatediff", "wan"], help="auto (default): from --base's model_index.json; --base tiny --backbone wan is the tiny Wan preset")
     g.add_argument("--motion-adapter", default=None, help="AnimateDiff motion module: hub id, diffusers folder, or a file such as mm_sd_v15_v2.ckpt / v3_sd15_mm.ckpt / a .safetensors copy (default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2)")
     g.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
     g.add_argument("--scheduler", default=None, help="ddim (default), euler, dpmpp-2m (= dpm), dpmpp-2m-karras; --preset fast/lcm/reference bring their own")
@@ -39,7 +143,7 @@ def _model_spec(args):
         raise ValueError(f"--scheduler cannot be combined with --preset {preset}: its adapter needs the scheduler it was distilled on")
     return ModelSpec(
         base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
-        scheduler=args.scheduler or "ddim", preset=preset,
+        scheduler=args.scheduler or "ddim", preset=preset, backbone=getattr(args, "backbone", "auto"),
         speed=SpeedOptions(dtype=args.dtype, low_vram=args.low_vram, attention_slicing=args.attention_slicing, compile=args.compile),
         loras=tuple(args.lora or ()), motion_loras=tuple(args.motion_lora or ()), freeu=_freeu(args.freeu),
         clip_skip=args.clip_skip,
@@ -65,28 +169,33 @@ def _identities(args) -> list[str]:
 def cmd_generate(args) -> None:
     from .generate import GenerateConfig, generate
     from .long_video import parse_prompt_at
+    from .wan_generate import default_clip
 
+    models = _model_spec(args)
+    frames, fps = default_clip(models)
     cfg = GenerateConfig(
         prompts=args.prompt or [],
         negative_prompt=args.negative_prompt,
         seeds=args.seed or [0],
-        frames=args.frames,
+        frames=frames if args.frames is None else args.frames,
         height=args.height,
         width=args.width,
         steps=args.steps,
         guidance=args.guidance,
         gamma=args.gamma,
-        fps=args.fps,
+        fps=fps if args.fps is None else args.fps,
         identities=_identities(args),
-        models=_model_spec(args),
+        models=models,
         prompt_at=parse_prompt_at(args.prompt_at or []),
         context_length=args.context_length,
         context_stride=args.context_stride,
         window_weighting=args.window_weighting,
         free_init=args.free_init,
     )
+    cfg = _apply_record(args, cfg)
     for path in generate(cfg, args.out, quiet=args.quiet, device=args.device):
         print(path)
+    _warn_tiny(args, cfg.models.base)
 
 
 def cmd_prepare(args) -> None:
@@ -95,7 +204,7 @@ def cmd_prepare(args) -> None:
 
     seg = SegmenterConfig(method=args.segmenter, detector=args.detector, sam=args.sam, box_threshold=args.box_threshold, device=args.device)
     cfg = PrepareConfig(images=args.images, class_word=args.class_word, out=args.out, masks=args.masks, resolution=args.resolution, segmenter=seg)
-    out = prepare_identity_set(cfg)
+    out = prepare_identity_set(cfg, quiet=args.quiet)
     manifest = __import__("json").loads((out / "manifest.json").read_text())
     print(f"masks: {manifest['segmentation']}")
     for item in manifest["items"]:
@@ -108,13 +217,13 @@ def cmd_train(args) -> None:
     from .models import ModelSpec
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(
+    settings = dict(
         data=args.data,
         token=args.token,
         class_word=args.class_word,
         num_vectors=args.num_vectors,
         steps=args.steps,
-        lr=args.lr,
+        **({"lr": args.lr} if args.lr is not None else {}),
         batch_size=args.batch_size,
         micro_batch=args.micro_batch,
         masked=not args.no_mask,
@@ -124,16 +233,31 @@ def cmd_train(args) -> None:
         mixed_precision=args.mixed_precision,
         out=args.out,
         resume=args.resume,
-        models=ModelSpec(base=args.base, base_config=args.base_config, loras=tuple(args.lora or ())),
+        models=ModelSpec(base=args.base, base_config=args.base_config, loras=tuple(args.lora or ()), backbone=args.backbone),
     )
+    if settings["models"].resolved_backbone() == "wan":
+        from .wan_train import WanTrainConfig
+
+        cfg = WanTrainConfig(**settings, form=args.form, lora_rank=args.lora_rank)
+    elif args.form != "tokens":
+        raise ValueError(f"--form {args.form} is for the Wan backbone; an AnimateDiff identity is ID tokens")
+    else:
+        cfg = TrainConfig(**settings)
+    cfg = _apply_record(args, cfg)
+    _required(cfg, "data")
     res = train(cfg, quiet=args.quiet, device=args.device)
+    _warn_tiny(args, cfg.models.base)
     print(f"masked loss on the identity set: {res.loss_start:.4f} -> {res.loss_end:.4f}")
-    print(f"wrote {res.path} ({res.size_bytes / 1024:.1f} KB, {cfg.num_vectors} vectors; the paper's is 16 KB)")
+    what = f"LoRA rank {cfg.lora_rank}" if getattr(cfg, "form", "tokens") == "lora" else f"{cfg.num_vectors} vectors; the paper's is 16 KB"
+    print(f"wrote {res.path} ({res.size_bytes / 1024:.1f} KB, {what})")
     print(f'use it: magicme generate --identity {res.path} --prompt "a {cfg.token} ... "')
 
 
 def _v2v_settings(args) -> dict:
     """Arguments shared by the V2V stages (v2v, face, upscale)."""
+    models = _model_spec(args)
+    if models.resolved_backbone() == "wan":
+        raise ValueError(f"magicme {args.command} runs on AnimateDiff only for now (Wan's video-to-video stages are not built yet); give an SD-1.5-family --base")
     return dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -145,39 +269,57 @@ def _v2v_settings(args) -> dict:
         fps=args.fps,
         context=args.context,
         identities=_identities(args),
-        models=_model_spec(args),
+        models=models,
     )
+
+
+def _v2v_config(args, cfg):
+    """A V2V stage's config after --from-record, with its prompt and input checked as required."""
+    cfg = _apply_record(args, cfg)
+    _required(cfg, "prompt")
+    _required(args, "video")
+    return cfg
 
 
 def cmd_v2v(args) -> None:
     from .v2v import V2VConfig, v2v
 
-    print(v2v(V2VConfig(**_v2v_settings(args)), args.video, args.out, quiet=args.quiet, device=args.device))
+    cfg = _v2v_config(args, V2VConfig(**_v2v_settings(args)))
+    print(v2v(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+    _warn_tiny(args, cfg.models.base)
 
 
 def cmd_face(args) -> None:
     from .face import FaceConfig, face_vcd
 
-    cfg = FaceConfig(
+    cfg = _v2v_config(args, FaceConfig(
         **_v2v_settings(args), detector=args.detector, min_face=args.min_face, min_track=args.min_track,
         min_score=args.min_score, face_size=args.face_size, margin=args.margin, feather=args.feather, smooth=args.smooth,
-    )
+    ))
     print(face_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+    _warn_tiny(args, cfg.models.base)
 
 
 def cmd_upscale(args) -> None:
     from .upscale import UpscaleConfig, tiled_vcd
 
-    cfg = UpscaleConfig(
+    cfg = _v2v_config(args, UpscaleConfig(
         **_v2v_settings(args), scale=args.scale, upscaler=args.upscaler, tile=args.tile, overlap=args.overlap,
         tile_batch=args.tile_batch, controlnet=args.controlnet, controlnet_scale=args.controlnet_scale,
-    )
+    ))
     print(tiled_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
+    _warn_tiny(args, cfg.models.base)
+
+
+def _add_from_record(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-record", metavar="RECORD.json", default=None,
+                   help="repeat the run of a run record (the .json beside an output): its settings, models, dtype, device "
+                        "and input; flags given here override them")
 
 
 def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None:
-    p.add_argument("--video", required=True, help="input clip: .mp4, .gif, or a folder of image frames")
-    p.add_argument("--prompt", required=True, help="prompt; must contain the identity token when --identity is given")
+    p.add_argument("--video", default=None, help="input clip: .mp4, .gif, or a folder of image frames (required unless --from-record)")
+    p.add_argument("--prompt", default=None, help="prompt; must contain the identity token when --identity is given (required unless --from-record)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--identity", action="append", metavar="[TOKEN=]FILE", help="identity from 'magicme train', or another tool's embedding (.pt/.bin/.safetensors); repeat for several subjects")
     p.add_argument("--token", default=None, help="the word for the one --identity file that names none (the reference Magic-Me .pt)")
@@ -189,7 +331,8 @@ def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in overlapping, blended windows)")
     p.add_argument("--out", default=out, help=".mp4, .gif, or a folder name for PNG frames")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_from_record(p)
     _add_model_args(p)
 
 
@@ -217,24 +360,30 @@ def cmd_identity_convert(args) -> None:
 
 def cmd_tiny_model_save(args) -> None:
     from .models import save_tiny_model
+    from .wan import save_tiny_wan_model
 
-    print(save_tiny_model(args.dir))
+    print(save_tiny_wan_model(args.dir) if args.backbone == "wan" else save_tiny_model(args.dir))
 
 
 def cmd_run(args) -> None:
-    from .run import load_chain_config, run_chain
+    from .run import chain_summary, load_chain_config, run_chain
 
     cfg = load_chain_config(args.config, work_dir=str(Path(args.work_dir).resolve()) if args.work_dir else None)
     result = run_chain(cfg, quiet=args.quiet, device=args.device)
-    print(f"done: ran {', '.join(result.ran) or 'nothing'}; up to date: {', '.join(result.skipped) or 'nothing'}")
+    print(f"done: ran {len(result.ran)} of {len(result.runs)} stages")
+    print(chain_summary(result))
+    _warn_tiny(args, cfg.models.base, flag="models.base:")
 
 
 def cmd_demo(args) -> None:
     from .demo import demo
+    from .run import chain_summary
 
-    for path in demo(args.out_dir, quiet=args.quiet):
-        print(f"wrote {path}")
-    print("(tiny preset: random weights, so the video is noise; see the README for real weights)")
+    result = demo(args.work_dir, quiet=args.quiet)
+    print(f"done: the demo's chain in {result.work_dir}")
+    print(chain_summary(result))
+    _warn(args, "the demo ran the tiny random-weight test model, so its videos are noise; the same chain runs for real "
+                f"with `magicme run`: {_real_weights_hint('models.base:')}")
 
 
 def cmd_ui(args) -> None:
@@ -258,9 +407,9 @@ def _add_metric_args(p: argparse.ArgumentParser, from_file: bool = False) -> Non
     where = ", or the subjects file's" if from_file else ""
     g = p.add_argument_group("metric models")
     g.add_argument("--clip-model", default=None if from_file else "openai/clip-vit-base-patch32",
-                   help=f"CLIP for CLIP-I/CLIP-T: hub id or folder (default openai/clip-vit-base-patch32{where})")
+                   help=f"CLIP for CLIP-I/CLIP-T: hub id, folder, or 'tiny' (random weights, offline) (default openai/clip-vit-base-patch32{where})")
     g.add_argument("--dino-model", default=None if from_file else "facebook/dino-vits16",
-                   help=f"ViT or DINOv2 for the DINO metric, e.g. facebook/dinov2-small (default facebook/dino-vits16{where})")
+                   help=f"ViT or DINOv2 for the DINO metric, e.g. facebook/dinov2-small, or 'tiny' (default facebook/dino-vits16{where})")
     g.add_argument("--batch-size", type=int, default=None if from_file else 32, help=f"frames per forward pass (default 32{where})")
     g.add_argument("--face-score", choices=("auto", "on", "off"), default=None if from_file else "auto",
                    help="face identity (dlib 128-D descriptor): auto = for people when the [faces] extra is installed "
@@ -279,6 +428,8 @@ def cmd_evaluate(args) -> None:
                          identity=args.identity, models=_metric_models(args), device=args.device, face=face,
                          face_score=args.face_score)
     print(json.dumps(row, indent=2))
+    if "tiny" in (args.clip_model, args.dino_model):
+        _warn(args, "'tiny' metric models have random weights: the scores mean nothing")
 
 
 def cmd_evaluate_suite(args) -> None:
@@ -300,6 +451,7 @@ def cmd_evaluate_suite(args) -> None:
         print(summary([run.results]))
     if run.process_index == 0:
         print(run.results)
+        _warn_tiny(args, cfg.models.base)
 
 
 def cmd_report(args) -> None:
@@ -320,13 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-at", action="append", metavar="FRAME:PROMPT", help="prompt from FRAME on, blended from the one before (prompt travel); repeat")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, action="append", help="seed; repeat for several seeds (default 0)")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=int, default=None, help="frames (default 16; Wan: 81, and any count runs as the next 1 + 4k)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's: 25 full, 4 fast, 6 lcm)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's: 7.5 full, 1.0 fast, 1.5 lcm)")
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, default=None, help="default 8; Wan: 16")
     w = p.add_argument_group("long videos (FreeNoise windows; on by themselves past 16 frames)")
     w.add_argument("--context-length", type=int, default=None, help="frames per window (default 16, the motion module's)")
     w.add_argument("--context-stride", type=int, default=4, help="frames between window starts (default 4)")
@@ -335,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", action="append", metavar="[TOKEN=]FILE", help="identity from 'magicme train', or another tool's embedding (.pt/.bin/.safetensors); repeat for several subjects")
     p.add_argument("--token", default=None, help="the word for the one --identity file that names none (the reference Magic-Me .pt)")
     p.add_argument("--out", default="magicme.mp4", help=".mp4, .gif, or a folder name for PNG frames")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_from_record(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -350,15 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam", default="facebook/sam-vit-base", help="SAM: hub id or folder")
     p.add_argument("--box-threshold", type=float, default=0.25)
     p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="learn an identity: extended ID tokens with the masked loss")
-    p.add_argument("--data", required=True, help="folder written by 'magicme prepare'")
+    p.add_argument("--data", default=None, help="folder written by 'magicme prepare' (required unless --from-record)")
     p.add_argument("--token", default="<v*>", help="the identity's word in prompts (default <v*>)")
     p.add_argument("--class-word", default=None, help="default: the prepared set's")
     p.add_argument("--num-vectors", type=int, default=4)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: 0.001 (§5.2); a Wan LoRA: 0.0001")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=None, help="accumulate gradients over micro-batches of this size (default: whole batch, halved on out-of-memory)")
     p.add_argument("--no-mask", action="store_true", help="loss on the whole image (the paper's ablation)")
@@ -368,11 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="auto", help="auto, no, fp16, bf16")
     p.add_argument("--out", default="id.safetensors")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from a checkpoint folder (default: the latest beside --out)")
-    p.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny'")
+    p.add_argument("--base", default="tiny", help="SD-1.5-family model: hub id, diffusers folder, .safetensors file, or 'tiny'; or a Wan 2.x T2V diffusers model")
     p.add_argument("--base-config", default=None, help="diffusers folder or hub id with the configs of a single-file --base")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]", help="train with this LoRA active (optional; the identity is then tuned to the LoRA'd model)")
+    p.add_argument("--backbone", default="auto", choices=["auto", "animatediff", "wan"], help="auto (default): from --base's model_index.json; --base tiny --backbone wan is the tiny Wan preset")
+    p.add_argument("--form", default="tokens", choices=["tokens", "lora"], help="Wan: tokens (extended ID tokens in UMT5, default) or lora (masked-loss LoRA on the transformer's attention)")
+    p.add_argument("--lora-rank", type=int, default=16, help="Wan --form lora: LoRA rank (alpha = rank)")
     p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_from_record(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("v2v", help="partially denoise a clip with the identity and the noise prior (V2V VCD)")
@@ -449,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML or TOML run config (see the README)")
     p.add_argument("--work-dir", default=None, help="override the config's work_dir (relative to the current folder)")
     p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("identity", help="inspect or convert identity files (magicme's, the reference Magic-Me .pt, A1111, diffusers)")
@@ -469,31 +627,64 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     s = tiny.add_parser("save", help="write it as a stock diffusers folder plus DIR/motion_adapter")
     s.add_argument("dir")
+    s.add_argument("--backbone", default="animatediff", choices=["animatediff", "wan"], help="wan: the tiny Wan preset, a stock WanPipeline folder")
     s.set_defaults(func=cmd_tiny_model_save)
 
     p = sub.add_parser("demo", help="the main job on the tiny preset, offline")
-    p.add_argument("--out-dir", default="magicme-demo")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--work-dir", default="magicme-demo", help="folder for the sample photos, the config and every output")
+    p.add_argument("--out-dir", dest="work_dir", action=_Deprecated, new="--work-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ui", help="the whole workflow in a browser (Gradio web app)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--workdir", default="magicme-ui", help="folder holding uploads, identities and videos (created)")
+    p.add_argument("--work-dir", dest="workdir", default="magicme-ui", help="folder holding uploads, identities and videos (created)")
+    p.add_argument("--workdir", dest="workdir", action=_Deprecated, new="--work-dir")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.set_defaults(func=cmd_ui)
+    stack = [parser]
+    while stack:  # every sub-command's --help shows the defaults
+        p = stack.pop()
+        p.formatter_class = _HelpFormatter
+        for action in p._actions:
+            if action.help is None and _shows_default(action):  # argparse prints no help line at all for help=None
+                action.help = "(default: %(default)s)"
+        stack.extend(c for a in p._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices.values())
     return parser
+
+
+@contextlib.contextmanager
+def _library_bars_off():
+    """--quiet: no 'Loading weights' / 'Loading pipeline components' / download bars from the libraries either."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # and huggingface_hub's
+    try:
+        yield
+    finally:  # as they were (main() may run again in the same process)
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+        (disable_progress_bars if was[2] else enable_progress_bars)()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.explicit = _explicit_dests(sys.argv[1:] if argv is None else argv) if getattr(args, "from_record", None) else set()
     # the libraries' notices (torchvision fallbacks, embedding resizes, dtype casts) are not the user's concern;
     # magicme's own warnings still print. Set in main, not at import, and only where the user chose no level.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
-        args.func(args)
+        with _library_bars_off() if getattr(args, "quiet", False) else contextlib.nullcontext():
+            args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"magicme {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # §5.2 CLIP-I / CLIP-T
 DEFAULT_DINO = "facebook/dino-vits16"  # §5.2 DINO (ViT-S/16)
+TINY = "tiny"  # the random-weight test models, built offline (tiny_metric_components)
 METRICS = ("dino", "clip_i", "clip_t", "temporal_dino", "temporal_clip")  # Table 1's rows, in its order
 FACE_SCORES = ("auto", "on", "off")  # --face-score: auto = for people (class word), when dlib is installed
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's input normalisation (facebookresearch/dino, eval_linear.py)
@@ -136,7 +137,8 @@ def dino_pixels(images: Sequence[np.ndarray], crop: int = 224) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MetricModels:
-    """Which models score: any CLIP (e.g. openai/clip-vit-large-patch14) and any ViT/DINOv2 (e.g. facebook/dinov2-small)."""
+    """Which models score: any CLIP (e.g. openai/clip-vit-large-patch14) and any ViT/DINOv2 (e.g. facebook/dinov2-small),
+    by hub id or folder; 'tiny' builds a random-weight test model offline (meaningless scores)."""
 
     clip: str = DEFAULT_CLIP  # §5.2
     dino: str = DEFAULT_DINO  # §5.2
@@ -152,12 +154,17 @@ class MetricModels:
 
 def _load(cls, arg: str, name: str, **kwargs):
     """`cls.from_pretrained(name)` with a missing/unreadable model turned into one clear error."""
+    from .models import weights_hint
+
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(name).expanduser().exists():
+            raise FileNotFoundError(f"{arg} {name!r} could not be loaded ({first}); give a folder saved with save_pretrained") from None
         raise FileNotFoundError(
-            f"{arg} {name!r} could not be loaded ({first}); give a hub id or a folder saved with save_pretrained"
+            f"{arg} {name!r} could not be loaded: {weights_hint(name)}; or '{arg} tiny' for a random-weight test model "
+            "(meaningless scores)"
         ) from None
 
 
@@ -196,17 +203,24 @@ class Scorer:
         self.models = models
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        # backend="pil": the torchvision-free processors, identical resize/crop/normalise
-        self.clip = _load(CLIPModel, "--clip-model", models.clip, dtype=dtype).to(self.device).eval()
-        self.clip_processor = _load(AutoImageProcessor, "--clip-model", models.clip, backend="pil")
-        self.clip_tokenizer = _load(AutoTokenizer, "--clip-model", models.clip)
-        # DINO ViT checkpoints carry no pooler; we read the CLS token, so don't build a random one
-        dino_config = _load(AutoConfig, "--dino-model", models.dino)
-        extra = {"add_pooling_layer": False} if dino_config.model_type == "vit" else {}
-        self.dino = _load(AutoModel, "--dino-model", models.dino, dtype=dtype, **extra).to(self.device).eval()
+        tiny = tiny_metric_components() if TINY in (models.clip, models.dino) else {}
+        if models.clip == TINY:
+            self.clip, self.clip_processor, self.clip_tokenizer = tiny["clip"], tiny["clip_processor"], tiny["clip_tokenizer"]
+        else:  # backend="pil": the torchvision-free processors, identical resize/crop/normalise
+            self.clip = _load(CLIPModel, "--clip-model", models.clip, dtype=dtype)
+            self.clip_processor = _load(AutoImageProcessor, "--clip-model", models.clip, backend="pil")
+            self.clip_tokenizer = _load(AutoTokenizer, "--clip-model", models.clip)
+        if models.dino == TINY:
+            self.dino = tiny["dino"]
+        else:  # DINO ViT checkpoints carry no pooler; we read the CLS token, so don't build a random one
+            dino_config = _load(AutoConfig, "--dino-model", models.dino)
+            extra = {"add_pooling_layer": False} if dino_config.model_type == "vit" else {}
+            self.dino = _load(AutoModel, "--dino-model", models.dino, dtype=dtype, **extra)
+        self.clip = self.clip.to(self.device, dtype).eval()
+        self.dino = self.dino.to(self.device, dtype).eval()
         # not the hub processor (facebook/dino-vits16's squashes to 224² with mean/std 0.5): DINO's own transform;
         # DINOv2 interpolates its position embeddings and is evaluated at 224 like DINO
-        self.dino_crop = 224 if dino_config.model_type == "dinov2" else int(dino_config.image_size)
+        self.dino_crop = 224 if self.dino.config.model_type == "dinov2" else int(self.dino.config.image_size)
         self.face = face
         self.face_people_only = face_people_only  # score faces only for class words naming a person
         self._references: dict[tuple, dict[str, torch.Tensor | None]] = {}
@@ -433,16 +447,15 @@ def evaluate_video(video: str | Path, references: str | Path, prompt: str, *, to
     return scorer.score(frames, references, prompt, token=token, class_word=class_word)
 
 
-def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
-    """A tiny random-weight CLIP and DINO (ViT) saved with save_pretrained, for offline tests and benchmarks.
+def tiny_metric_components(seed: int = 0) -> dict:
+    """A tiny random-weight CLIP and DINO (ViT) with their processors and tokenizer, built offline (`--clip-model tiny`).
 
-    Scores from them are meaningless numbers; they run the same by-path loading code as real weights.
+    Scores from them are meaningless numbers; they exercise the scoring code without any download.
     """
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTImageProcessorPil, ViTModel
 
     from .tokenizer import tiny_clip_tokenizer
 
-    folder = Path(folder)
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -456,9 +469,21 @@ def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
         ))
         dino = ViTModel(ViTConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=32, patch_size=8), add_pooling_layer=False)
-    clip.save_pretrained(folder / "clip")
-    tokenizer.save_pretrained(folder / "clip")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder / "clip")
-    dino.save_pretrained(folder / "dino")
-    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
+    return {
+        "clip": clip.eval(),
+        "clip_tokenizer": tokenizer,
+        "clip_processor": CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        "dino": dino.eval(),
+        "dino_processor": ViTImageProcessorPil(size={"height": 32, "width": 32}),  # for save_pretrained; scoring uses dino_pixels
+    }
+
+
+def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
+    """The tiny metric models (`tiny_metric_components`) saved with save_pretrained: the by-path loading code on them."""
+    folder = Path(folder)
+    parts = tiny_metric_components(seed)
+    for name in ("clip", "clip_tokenizer", "clip_processor"):
+        parts[name].save_pretrained(folder / "clip")
+    for name in ("dino", "dino_processor"):
+        parts[name].save_pretrained(folder / "dino")
     return MetricModels(clip=str(folder / "clip"), dino=str(folder / "dino"))

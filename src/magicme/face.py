@@ -13,7 +13,6 @@ left untouched.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ import numpy as np
 
 from .faces import DETECTORS, MIN_TRACK_SCORE, Detector, FaceTrack, make_detector, missing_packages, track_faces, track_verdict
 from .models import ModelSpec, fingerprint
+from .progress import denoising_steps, progress_bar, step_counter
 from .v2v import (
     check_common,
     check_context,
@@ -184,15 +184,17 @@ def find_tracks(frames: np.ndarray, cfg: FaceConfig, detector: Detector | None =
     The record lists every track with its per-frame boxes [x0, y0, x1, y1] in input-frame pixels (None
     where the face was not seen), its mean detector score, whether it is re-rendered and, if not, why.
     """
-    from tqdm import tqdm
-
     if detector is None:
         finder, note = make_detector(cfg.detector, min_face=cfg.min_face)
         detect, kind, what = finder, finder.name, finder.describe()
     else:
         detect, kind, what, note = detector, "custom", "a detector given by the caller", ""
-    show = not quiet and sys.stderr.isatty()
-    tracks = track_faces([detect(f) for f in tqdm(frames, desc="finding faces", disable=not show, leave=False)])
+    found = []
+    with progress_bar(len(frames), "face: finding faces", quiet=quiet, unit="frame") as bar:
+        for f in frames:
+            found.append(detect(f))
+            bar.update(1)
+    tracks = track_faces(found)
     min_frames = min(cfg.min_track, len(frames))
     min_score = cfg.min_score if cfg.min_score is not None else MIN_TRACK_SCORE[kind]
     verdicts = [track_verdict(t, min_frames, min_score) for t in tracks]
@@ -249,18 +251,22 @@ def face_vcd(
 
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
     v2v_pipe = video_pipeline(pipe)
+    bar = progress_bar(len(tracks) * denoising_steps(cfg.steps, cfg.strength), "face VCD", quiet=quiet)  # one call a track
+    on_step = step_counter(bar, step_callback)
 
     def denoise(clip: np.ndarray, track: int) -> np.ndarray:
+        bar.set_postfix_str(f"face {track + 1}/{len(tracks)} ({len(clip)} frames)")
         return partial_denoise_windows(
             v2v_pipe, clip[None], cfg.prompt, context=cfg.context, seeds=[cfg.seed + 100_003 * track],
             strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
-            negative_prompt=cfg.negative_prompt, step_callback=step_callback,
+            negative_prompt=cfg.negative_prompt, step_callback=on_step,
         )[0]
 
-    result = restore_faces(
-        frames.astype(np.float32) / 255.0, tracks, denoise, size=cfg.size(), margin=cfg.margin,
-        feather=cfg.feather, smooth=cfg.smooth,
-    )
+    with bar:
+        result = restore_faces(
+            frames.astype(np.float32) / 255.0, tracks, denoise, size=cfg.size(), margin=cfg.margin,
+            feather=cfg.feather, smooth=cfg.smooth,
+        )
     write_video(result, out, fps=cfg.fps)
-    write_sidecar(out, stage_record("face", cfg, video, frames.shape, **record))
+    write_sidecar(out, stage_record("face", cfg, video, frames.shape, pipe=pipe, **record))
     return out

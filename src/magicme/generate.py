@@ -9,7 +9,6 @@ option to compare against the prior.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,8 @@ from .models import (
     scheduler_record,
 )
 from .noise_prior import check_gamma, noise_prior
+from .progress import progress_bar, step_counter
+from .records import absolute_paths, runtime_record, to_jsonable
 from .video import check_output_path, output_kind, write_sidecar, write_video
 
 
@@ -203,8 +204,12 @@ def generate(
     """Run T2V VCD for every prompt × seed in `cfg`, writing each video and its run record; return the paths.
 
     `step_callback` is the pipeline's `callback_on_step_end` (progress; raising from it stops the run
-    before anything of that clip is written).
+    before anything of that clip is written). A Wan model runs `wan_generate.generate_wan`.
     """
+    if cfg.models.resolved_backbone() == "wan":
+        from .wan_generate import generate_wan
+
+        return generate_wan(cfg, out, pipe=pipe, quiet=quiet, device=device, step_callback=step_callback)
     cfg.check()
     cfg = cfg.resolved()
     paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
@@ -215,9 +220,12 @@ def generate(
     check_motion_frames(windows.length if windows else cfg.frames, pipe.unet.config.get("motion_max_seq_length"),
                         "--context-length" if windows else "--frames")
     load_identities(pipe, cfg.identities)
-    pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
-    jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]
-    for (prompt, seed), path in zip(jobs, paths):
+    pipe.set_progress_bar_config(disable=True)  # one bar over every clip's steps instead of one per clip
+    prompts = cfg.jobs_prompts()
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in cfg.seeds]
+    bar = progress_bar(len(jobs) * cfg.steps * (cfg.free_init or 1), "generate", quiet=quiet)
+    for n, ((i, prompt, seed), path) in enumerate(zip(jobs, paths), 1):
+        bar.set_postfix_str(f"clip {n}/{len(jobs)}, seed {seed}" + (f", prompt {i + 1}" if len(prompts) > 1 else ""))
         frames = generate_video(
             pipe,
             prompt,
@@ -232,10 +240,11 @@ def generate(
             prompt_at=cfg.prompt_at,
             windows=windows,
             free_init=cfg.free_init,
-            **({"callback_on_step_end": step_callback} if step_callback else {}),
+            callback_on_step_end=step_counter(bar, step_callback),
         )
         write_video(frames, path, fps=cfg.fps)
         write_sidecar(path, run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
+    bar.close()
     return paths
 
 
@@ -247,6 +256,7 @@ def run_record(
     spec = cfg.models
     models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset,
               "speed": asdict(spec.speed)}
+    runtime = runtime_record(pipe) if pipe is not None else {}
     if pipe is not None:  # what actually ran, read back from the pipeline
         models["scheduler_config"] = scheduler_record(pipe.scheduler)
     if spec.base != TINY:
@@ -261,7 +271,10 @@ def run_record(
     models["identities"] = [identity_record(p) for p in cfg.identities]
     skip = ("prompts", "seeds", "models", "height", "width", "identities", "prompt_at")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings}
+    record = {"task": "t2v", "prompt": prompt, "seed": seed, "height": height, "width": width, "models": models, **settings,
+              **runtime}
+    # this clip's request alone, paths absolute: `magicme generate --from-record` rebuilds it
+    record["config"] = to_jsonable(absolute_paths(replace(cfg, prompts=[] if prompt is None else [prompt], seeds=[seed])))
     if cfg.prompt_at:
         record["prompt_at"] = {str(k): v for k, v in prompt_schedule(prompt, cfg.prompt_at, cfg.frames).items()}
     if windows is not None:

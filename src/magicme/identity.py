@@ -35,6 +35,9 @@ class IdentityInfo:
     masked: bool = True
     source: str = "magicme"  # magicme, or the tool a converted file came from (embeddings.py)
     base_fingerprint: str = ""  # the base model's weights hash (models.fingerprint), where known
+    backbone: str = "animatediff"  # "wan": for Wan 2.x (wan_identity.py)
+    form: str = "tokens"  # "tokens": K text-encoder rows; "lora": a LoRA on the transformer's attention
+    rank: int = 0  # LoRA rank (form "lora")
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, **{k: str(v) for k, v in asdict(self).items()}}
@@ -53,6 +56,9 @@ class IdentityInfo:
             masked=meta.get("masked", "True") == "True",
             source=meta.get("source", "magicme"),
             base_fingerprint=meta.get("base_fingerprint", ""),
+            backbone=meta.get("backbone", "animatediff"),
+            form=meta.get("form", "tokens"),
+            rank=int(meta.get("rank", 0)),
         )
 
 
@@ -93,9 +99,23 @@ def _magicme_info(path: Path) -> IdentityInfo | None:
         raise ValueError(f"--identity {str(path)!r} is not a readable .safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         return None
-    if keys != [EMBEDDING_KEY]:
+    info = IdentityInfo.from_metadata(meta, path)
+    if info.form == "lora":
+        if not keys or not all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
+            raise ValueError(f"--identity {str(path)!r} says it is a LoRA but holds other tensors ({keys[:3]})")
+    elif keys != [EMBEDDING_KEY]:
         raise ValueError(f"--identity {str(path)!r} holds {keys}, expected one tensor {EMBEDDING_KEY!r}")
-    return IdentityInfo.from_metadata(meta, path)
+    return info
+
+
+def check_identity_backbone(path: str | Path, info: IdentityInfo, backbone: str) -> None:
+    """An identity is for one backbone: refuse a file trained for the other one (one line naming it)."""
+    if info.backbone != backbone:
+        names = {"animatediff": "AnimateDiff (SD-1.5)", "wan": "Wan 2.x"}
+        raise ValueError(
+            f"--identity {str(path)!r} is a {names.get(info.backbone, info.backbone)} identity ({info.form}); "
+            f"this model is {names.get(backbone, backbone)}: use a {names.get(info.backbone, info.backbone)} base model or retrain for this one"
+        )
 
 
 def _foreign(path: Path, token: str | None, need_token: bool = True) -> tuple[torch.Tensor, IdentityInfo]:
@@ -154,10 +174,12 @@ def with_token(identities: list[str], token: str | None) -> list[str]:
 
 
 def identity_record(spec: str | Path) -> dict:
-    """The run record's entry for an identity: the file's fingerprint and the token it was used under."""
+    """The run record's entry for an identity: the file's fingerprint, content hash and the token it was used under."""
     from .models import fingerprint
+    from .records import content_hash
 
-    return {**fingerprint(str(split_spec(spec)[0])), "token": read_identity_info(spec).token}
+    path = str(split_spec(spec)[0])
+    return {**fingerprint(path), "token": read_identity_info(spec).token, "sha256": content_hash(path)}
 
 
 def convert_identity(src: str | Path, out: str | Path, token: str | None = None, class_word: str | None = None) -> Path:
@@ -223,6 +245,8 @@ def load_identities(pipe, paths: list[str | Path]) -> list[IdentityInfo]:
     infos = [read_identity_info(p) for p in paths]
     check_prompt_tokens([], infos)
     added = set(pipe.tokenizer.get_added_vocab()) - set(pipe.tokenizer.all_special_tokens)
+    for path, info in zip(paths, infos):
+        check_identity_backbone(path, info, "animatediff")
     vocab = pipe.tokenizer.get_vocab()
     hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     for spec, info in zip(paths, infos):
@@ -283,7 +307,7 @@ def check_prompt_length(pipe, prompt: str) -> None:
 
 def check_resume_compatible(path: str | Path, saved: IdentityInfo, wanted: IdentityInfo, saved_base: dict, wanted_base: dict) -> None:
     """A training checkpoint may only continue the same identity (token, vectors, class word) on the same base model."""
-    for field_name in ("token", "num_vectors", "class_word", "hidden_size"):
+    for field_name in ("backbone", "form", "token", "num_vectors", "class_word", "hidden_size", "rank"):
         a, b = getattr(saved, field_name), getattr(wanted, field_name)
         if a != b and (field_name != "hidden_size" or (a and b)):
             raise ValueError(

@@ -234,23 +234,42 @@ def scheduler_record(scheduler) -> dict:
     return out
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (the weights' native precision), fp32 elsewhere."""
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 def _is_single_file(name: str) -> bool:
     return name.lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
-def _not_found(what: str, name: str, detail: str = "") -> ModelNotFoundError:
-    hint = (
-        f"Give a hub id (e.g. {DEFAULT_BASE!r}), a local diffusers folder, a single-file "
-        ".safetensors checkpoint, or '--base tiny' for the offline random-weight preset."
-        if what == "base model"
-        else f"Give a hub id (e.g. {DEFAULT_MOTION_ADAPTER!r}), a local folder saved with MotionAdapter.save_pretrained, "
-        "or a motion-module file (AnimateDiff's mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt, a .safetensors copy)."
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is on (huggingface_hub's reading: 1/ON/YES/TRUE, any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def weights_hint(name: str) -> str:
+    """How to get hub weights `name` onto a machine that cannot download them, and what HF_HUB_OFFLINE does."""
+    fetch = f"`hf download {name} --local-dir DIR` (`huggingface-cli download` on older huggingface_hub) and pass DIR"
+    if hub_offline():
+        return (
+            "HF_HUB_OFFLINE is set, so only the local hub cache (HF_HOME) is read, and it does not hold them. "
+            f"Download them once on a machine with a network: {fetch}, or `hf download {name}` to fill the cache"
+        )
+    return (
+        f"no network, or no such repository on the hub. Download them once on a machine with a network: {fetch}; "
+        "with the weights in the hub cache, HF_HUB_OFFLINE=1 loads them without trying the network"
     )
+
+
+def _first_sentence(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _not_found(what: str, name: str, detail: str = "") -> ModelNotFoundError:
+    example = DEFAULT_BASE if what == "base model" else DEFAULT_MOTION_ADAPTER
+    if what == "base model":
+        kinds = "a hub id{}, a local diffusers folder, a single-file .safetensors checkpoint, or '--base tiny' (random weights: the output is noise)"
+    else:
+        kinds = ("a hub id{}, a local folder saved with MotionAdapter.save_pretrained, or a motion-module file "
+                 "(AnimateDiff's mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt, a .safetensors copy)")
+    hint = "Give " + kinds.format(f" (e.g. {example!r})" if example != name else "") + "."  # never the id that failed
     return ModelNotFoundError(f"{what} {name!r} not found{': ' + detail if detail else ''}. {hint}")
 
 
@@ -270,9 +289,10 @@ def _from_pretrained(cls, what: str, name: str, **kwargs):
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:  # hub errors subclass OSError; unreadable configs raise ValueError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "the local folder is not a readable diffusers model" if is_local else "not reachable on the hub"
-        raise _not_found(what, name, f"{where} ({first})") from None
+        if is_local:
+            raise _not_found(what, name, f"the local folder is not a readable diffusers model ({_first_sentence(e)})") from None
+        detail = "" if hub_offline() else f" ({_first_sentence(e)})"  # offline, the library's words add nothing
+        raise ModelNotFoundError(f"{what} {name!r} is not reachable on the hub{detail}: {weights_hint(name)}") from None
 
 
 def load_motion_adapter(name: str, dtype: torch.dtype | None = None, weights: str | None = None):
@@ -299,7 +319,9 @@ def load_motion_adapter(name: str, dtype: torch.dtype | None = None, weights: st
         try:
             path = Path(hf_hub_download(name, weights))
         except Exception as e:  # offline, missing repo or file: hub errors are of several kinds
-            raise _not_found("motion adapter", f"{name}/{weights}", f"not reachable on the hub ({type(e).__name__})") from None
+            raise ModelNotFoundError(
+                f"motion adapter {name!r} (file {weights!r}) is not reachable on the hub ({type(e).__name__}): {weights_hint(name)}"
+            ) from None
         config = None
     adapter = load_motion_file(path, config)
     return adapter.to(dtype=dtype) if dtype is not None else adapter
@@ -344,8 +366,10 @@ class ModelSpec:
     speed: SpeedOptions = SpeedOptions()  # dtype, low-VRAM set, torch.compile (speed.py)
     loras: tuple[str, ...] = ()  # "FILE[:SCALE]": kohya/A1111 or diffusers LoRAs of the image model (lora.py)
     motion_loras: tuple[str, ...] = ()  # "FILE[:SCALE]": AnimateDiff motion LoRAs
-    freeu: tuple[float, float, float, float] | None = None  # b1, b2, s1, s2; None: the preset's (off for most)
+    # b1, b2, s1, s2; True: SD1.5's values; None: the preset's (off for most)
+    freeu: tuple[float, float, float, float] | bool | None = None
     clip_skip: int = 0  # text-encoder layers skipped at the end (diffusers' clip_skip: 1 = A1111's "Clip skip 2")
+    backbone: str = "auto"  # "animatediff", "wan", or "auto": from the base model's files (wan.py)
 
     def __post_init__(self):
         # config files and the UI give lists; the spec is a cache key, so it holds tuples
@@ -359,8 +383,28 @@ class ModelSpec:
         elif self.freeu is not None and not isinstance(self.freeu, str):
             object.__setattr__(self, "freeu", tuple(self.freeu))
 
+    def resolved_backbone(self) -> str:
+        """'animatediff' or 'wan': as given, else read from the base model's `model_index.json`."""
+        from .wan import BACKBONES, detect_backbone
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        return detect_backbone(self.base) if self.backbone == "auto" else self.backbone
+
+    def base_fingerprint(self) -> dict:
+        """`fingerprint(base)`, telling the two tiny presets apart."""
+        if self.base == TINY and self.resolved_backbone() == "wan":
+            from .wan import tiny_wan_fingerprint
+
+            return tiny_wan_fingerprint()
+        return fingerprint(self.base)
+
     def check(self) -> None:
         self.speed.check()
+        if self.resolved_backbone() == "wan":
+            from .wan import check_wan_spec
+
+            return check_wan_spec(self)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.preset not in PRESETS:
@@ -473,16 +517,29 @@ def native_resolution(spec: ModelSpec, pipe=None) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def load_pipeline(spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available)."""
+def load_pipeline(
+    spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None, base_parts: dict | None = None,
+):
+    """An `AnimateDiffPipeline` for `spec`, on `device` (default: CUDA when available).
+
+    `base_parts`: the base model's components already loaded (`load_base` / `tiny_components`), built on
+    instead of loading them again (`magicme run` trains on them first). A Wan spec gives a `WanPipeline`.
+    """
+    if spec.resolved_backbone() == "wan":
+        from .wan import load_wan_pipeline
+
+        return load_wan_pipeline(spec, device, dtype)
     spec.check()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or spec.speed.torch_dtype(device)
     preset = PRESETS[spec.preset]
-    if spec.base == TINY:
+    if base_parts is not None:
+        parts = dict(base_parts)
+    elif spec.base == TINY:
         parts = tiny_components()
     else:
         parts = load_base(spec.base, dtype=dtype, config=spec.base_config)
+    if spec.base != TINY:
         try:
             parts["motion_adapter"] = load_motion_adapter(spec.adapter_name(), dtype=dtype, weights=spec.adapter_weights())
         except ModelNotFoundError as e:

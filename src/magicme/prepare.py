@@ -210,9 +210,11 @@ def check_faces(refs: list[tuple[Path, object]]) -> list[dict] | None:
     return out
 
 
-def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None) -> Path:
+def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None, *, quiet: bool = False) -> Path:
     """Write the prepared identity set (see the module docstring) atomically into `cfg.out`; return it."""
     from PIL import Image
+
+    from .progress import progress_bar
 
     cfg.check()
     refs = load_reference_images(cfg.images)
@@ -230,7 +232,12 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None)
         status = f"user masks from {cfg.masks}"
     else:
         segmenter = segmenter or Segmenter(cfg.segmenter)
-        segs = [segmenter(img, class_word, faces=faces[i]["faces"] if faces else None) for i, (_, img) in enumerate(refs)]
+        segs = []
+        with progress_bar(len(refs), "prepare: subject masks", quiet=quiet, unit="photo") as bar:
+            for i, (path, img) in enumerate(refs):
+                bar.set_postfix_str(path.name)
+                segs.append(segmenter(img, class_word, faces=faces[i]["faces"] if faces else None))
+                bar.update(1)
         status = segmenter.status
 
     out = Path(cfg.out)

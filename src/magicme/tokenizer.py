@@ -106,3 +106,33 @@ def tiny_clip_tokenizer(vocab_size: int | None = None):
             padded = {t: i for i, t in enumerate(words + ["<|startoftext|>", "<|endoftext|>"])}
             vocab_file.write_text(json.dumps(padded, ensure_ascii=False), encoding="utf-8")
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token="<|endoftext|>")
+
+
+def learn_unigram_pieces(words: list[str], num_merges: int = 400) -> list[tuple[str, float]]:
+    """SentencePiece-style unigram pieces ("▁" marks a word start) with log-probability scores.
+
+    The candidate pieces are the BPE merges learned on "▁word" forms plus every printable ASCII
+    character (so no English prompt falls back to <unk>); each score is the log of the piece's
+    smoothed frequency as a substring of the corpus, so Viterbi segmentation prefers whole words.
+    """
+    import math
+
+    marked = ["▁" + w for w in words]
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    merged = ["".join(m).replace("</w>", "") for m in learn_merges(marked, num_merges)]
+    pieces = list(dict.fromkeys(["▁", *chars, *merged]))
+    counts = {p: 1 + sum(w.count(p) for w in marked) for p in pieces}
+    total = sum(counts.values())
+    return [(p, math.log(counts[p] / total)) for p in pieces]
+
+
+def tiny_umt5_tokenizer(num_merges: int = 400):
+    """A `transformers.T5Tokenizer` (unigram, Metaspace) in UMT5's form: <pad>=0, </s>=1, <unk>=2, "</s>" appended.
+
+    Real Wan checkpoints ship google/umt5-xxl's tokenizer in the same class; this one is learned from
+    the built-in corpus, so the tiny Wan preset needs no download.
+    """
+    from transformers import T5Tokenizer
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    return T5Tokenizer(vocab=specials + learn_unigram_pieces(_CORPUS, num_merges), extra_ids=0, model_max_length=512)

@@ -11,6 +11,7 @@ The result is one `.safetensors` identity file (`magicme.identity`) that stock d
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .identity import IdentityInfo, check_resume_compatible, save_identity, token_pattern
-from .models import TINY, ModelSpec, fingerprint, load_base, tiny_components
+from .models import TINY, ModelSpec, load_base, tiny_components
 from .prepare import AugmentConfig, augment, load_identity_set, read_manifest
 
 log = logging.getLogger(__name__)
@@ -221,11 +222,18 @@ def sample_batch(images: np.ndarray, masks: np.ndarray, cfg: TrainConfig, class_
 
 # ---- the trainer ----
 
-def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict:
-    """vae, text_encoder, tokenizer, unet and a DDPM noise scheduler of the base model (no motion module)."""
+def load_training_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype, base_parts: dict | None = None) -> dict:
+    """vae, text_encoder, tokenizer, unet and a DDPM noise scheduler of the base model (no motion module).
+
+    `base_parts`: components already loaded (`load_base` / `tiny_components`), used in place (moved to
+    `device`); the tokenizer is copied, since training adds the ID tokens to it.
+    """
     from diffusers import DDPMScheduler
 
-    parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
+    if base_parts is not None:
+        parts = dict(base_parts, tokenizer=copy.deepcopy(base_parts["tokenizer"]))
+    else:
+        parts = tiny_components() if spec.base == TINY else load_base(spec.base, dtype=torch.float32, config=spec.base_config)
     parts.pop("motion_adapter", None)
     if spec.loras:  # optional: the identity is then learned on the LoRA'd model (frozen like the rest)
         from diffusers import StableDiffusionPipeline
@@ -264,7 +272,13 @@ def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | 
 
 
 class IdTrainer:
-    """Holds the models, the ID tokens, AdamW and the data; `step(k)` runs optimizer step k."""
+    """Holds the models, the ID tokens, AdamW and the data; `step(k)` runs optimizer step k.
+
+    What a backbone changes (wan_train.WanTrainer) is in `trainables`, `write_identity`, the loss and the
+    validation frames; the step, micro-batching, checkpoints and resume are shared.
+    """
+
+    label = "train ID tokens"
 
     def __init__(self, cfg: TrainConfig, parts: dict, images: np.ndarray, masks: np.ndarray, class_word: str, device: torch.device):
         self.cfg, self.parts, self.device = cfg, parts, device
@@ -272,7 +286,7 @@ class IdTrainer:
         self.vae, self.unet, self.text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
         self.tokenizer, self.noise_scheduler = parts["tokenizer"], parts["noise_scheduler"]
         self.id_tokens = IdTokens(self.tokenizer, self.text_encoder, cfg.token, cfg.num_vectors, class_word)
-        self.optimizer = torch.optim.AdamW([self.id_tokens.embeddings], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(list(self.trainables().values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = autocast_dtype(device, cfg.mixed_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.micro_batch = cfg.micro_batch or cfg.batch_size
@@ -280,8 +294,27 @@ class IdTrainer:
         self.loss_start: float | None = None  # the run's first evaluation loss, kept across --resume
         self.saved: Path | None = None  # the checkpoint of step `step_done`, once written
 
+    @staticmethod
+    def load_components(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> dict:
+        return load_training_components(spec, device, dtype)
+
+    @staticmethod
+    def native_resolution(parts: dict) -> int:
+        return native_resolution(parts)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def trainables(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters AdamW trains, by the names the checkpoint stores them under (in the optimizer's order)."""
+        return {"id_embeddings": self.id_tokens.embeddings}
+
+    def write_identity(self, path: str | Path, steps: int) -> Path:
+        return save_identity(path, self.id_tokens.embeddings, self.identity_info(steps))
+
+    def release(self) -> None:
+        """Detach what training wired into the models (they may be reused)."""
+        self.id_tokens.remove()
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         expanded = [expand_prompt(p, self.cfg.token, self.cfg.num_vectors) for p in prompts]
@@ -379,7 +412,7 @@ class IdTrainer:
             steps=steps,
             hidden_size=int(self.id_tokens.embeddings.shape[1]),
             masked=self.cfg.masked,
-            base_fingerprint=fingerprint(self.cfg.models.base).get("fingerprint", ""),
+            base_fingerprint=self.cfg.models.base_fingerprint().get("fingerprint", ""),
         )
 
     def state_record(self) -> dict:
@@ -388,12 +421,12 @@ class IdTrainer:
             "step": self.step_done,
             "loss_start": self.loss_start,
             "identity": self.identity_info(self.step_done).metadata(),
-            "base": fingerprint(cfg.models.base),
+            "base": cfg.models.base_fingerprint(),
             "settings": {k: getattr(cfg, k) for k in ("seed", "lr", "batch_size", "masked", "noise_offset", "full_mask_share", "weight_decay")}
             | {"resolution": self.images.shape[1]},
         }
 
-    def save_checkpoint(self, folder: Path, validation: bool = True) -> Path:
+    def save_checkpoint(self, folder: Path, validation: bool = True, progress: bool = False) -> Path:
         """Write checkpoint folder `step-NNNNNN` atomically: identity, optimizer state, record, validation frames."""
         from safetensors.torch import save_file
 
@@ -401,15 +434,12 @@ class IdTrainer:
         dest = folder / f"step-{self.step_done:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
         try:
-            save_identity(tmp / "identity.safetensors", self.id_tokens.embeddings, self.identity_info(self.step_done))
-            state = self.optimizer.state.get(self.id_tokens.embeddings, {})
-            tensors = {"id_embeddings": self.id_tokens.embeddings.detach().cpu().contiguous()}
-            tensors |= {f"adamw.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
-            save_file(tensors, str(tmp / "state.safetensors"))
+            self.write_identity(tmp / "identity.safetensors", self.step_done)
+            save_file(self.state_tensors(), str(tmp / "state.safetensors"))
             record = self.state_record() | {"grad_scaler": self.scaler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             if validation and self.cfg.validation_images:
-                self.validation_frames().save(tmp / "validation.png")
+                self.validation_frames(progress).save(tmp / "validation.png")
             os.chmod(tmp, 0o755)
             if dest.exists():
                 shutil.rmtree(dest)
@@ -420,6 +450,18 @@ class IdTrainer:
         self.saved = dest
         return dest
 
+    def _adam_prefix(self, name: str) -> str:
+        return "adamw." if len(self.trainables()) == 1 else f"adamw.{name}."
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors and AdamW's moments as `state.safetensors` holds them."""
+        named = self.trainables()
+        tensors = {n: p.detach().cpu().contiguous() for n, p in named.items()}
+        for n, p in named.items():
+            state = self.optimizer.state.get(p, {})
+            tensors |= {self._adam_prefix(n) + k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
+        return tensors
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore the ID vectors, AdamW's moments and the step; refuse a checkpoint of another identity/base."""
         from safetensors.torch import load_file
@@ -429,7 +471,7 @@ class IdTrainer:
             raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
         record = json.loads(record_path.read_text())
         saved = IdentityInfo.from_metadata(record["identity"], record_path)
-        base = json.loads(json.dumps(fingerprint(self.cfg.models.base)))  # as the record stores it (tuples → lists)
+        base = json.loads(json.dumps(self.cfg.models.base_fingerprint()))  # as the record stores it (tuples → lists)
         check_resume_compatible(record_path, saved, self.identity_info(0), record["base"], base)
         wanted = self.state_record()["settings"]
         changed = {k: (v, wanted[k]) for k, v in record["settings"].items() if wanted.get(k) != v}
@@ -439,12 +481,17 @@ class IdTrainer:
         self.loss_start = record.get("loss_start")
         if self.loss_start is None:  # a checkpoint from before it was kept: the vectors are still the run's start
             self.loss_start = self.evaluation_loss()
-        with torch.no_grad():
-            self.id_tokens.embeddings.copy_(tensors["id_embeddings"].to(self.id_tokens.embeddings.device))
-        adam = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("adamw.")}
+        adam = {}
+        for i, (name, param) in enumerate(self.trainables().items()):
+            with torch.no_grad():
+                param.copy_(tensors[name].to(param.device))
+            prefix = self._adam_prefix(name)
+            moments = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            if moments:
+                adam[i] = {k: v.to(self.device) if k != "step" else v for k, v in moments.items()}
         if adam:
             sd = self.optimizer.state_dict()
-            sd["state"] = {0: {k: v.to(self.device) if k != "step" else v for k, v in adam.items()}}
+            sd["state"] = adam
             self.optimizer.load_state_dict(sd)
         if record.get("grad_scaler"):
             self.scaler.load_state_dict(record["grad_scaler"])
@@ -452,8 +499,10 @@ class IdTrainer:
         self.saved = path
 
     @torch.no_grad()
-    def validation_frames(self):
-        """A row of frames from the current ID tokens ('a photo of a <v*> dog'), fixed seed, as one PIL image."""
+    def validation_frames(self, progress: bool = False):
+        """A row of frames from the current ID tokens ('a photo of a <v*> dog'), fixed seed, as one PIL image.
+
+        `progress` shows the rendering's denoising steps on a labelled bar (minutes on a real model)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         from PIL import Image
 
@@ -467,7 +516,7 @@ class IdTrainer:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"checkpoint step {self.step_done}: validation frames")
         r = self.images.shape[1]
         with self.autocast():
             frames = pipe(
@@ -501,7 +550,9 @@ def latest_checkpoint(folder: Path) -> Path:
     return found[-1]
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, step_callback=None, components: dict | None = None,
+) -> TrainResult:
     """Train one identity's extended ID tokens and write `cfg.out`; Ctrl-C saves a checkpoint and re-raises.
 
     Ctrl-C at any point after the first step, the final loss evaluation and writing included, leaves a
@@ -509,11 +560,33 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
 
     `step_callback(step, loss)` runs after each optimizer step (a live loss curve; raising from it
     stops training with nothing written but the checkpoints already saved).
+    `components`: the base model's components already loaded (vae, text_encoder, tokenizer, unet,
+    scheduler; `magicme run` builds its video pipeline on them afterwards), used in place of loading
+    them. The text encoder trains in fp32 as always and is handed back in its own dtype and vocabulary;
+    the vae/unet should already have the dtype training picks (`autocast_dtype`, else fp32).
     """
-    from tqdm.auto import tqdm
+    if components is None:
+        return _train(cfg, quiet=quiet, device=device, step_callback=step_callback)
+    text_encoder = components["text_encoder"]
+    dtype, embeddings = text_encoder.dtype, text_encoder.get_input_embeddings()
+    try:
+        return _train(cfg, quiet=quiet, device=device, step_callback=step_callback, components=components)
+    finally:  # training resized the embeddings for the ID tokens and ran the encoder in fp32
+        text_encoder.set_input_embeddings(embeddings)
+        text_encoder.config.vocab_size = embeddings.num_embeddings
+        text_encoder.to(dtype=dtype)
 
+
+def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, components: dict | None = None) -> TrainResult:
+    from .progress import progress_bar
+    from .records import absolute_paths, content_hash, dtype_name, to_jsonable
     from .video import write_sidecar
 
+    trainer_class = IdTrainer
+    if cfg.models.resolved_backbone() == "wan":
+        from .wan_train import WanTrainer, wan_train_config
+
+        cfg, trainer_class = wan_train_config(cfg), WanTrainer
     cfg.check()
     manifest = read_manifest(cfg.data)
     class_word = (cfg.class_word or manifest["class_word"]).strip()
@@ -524,10 +597,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = autocast_dtype(dev, cfg.mixed_precision)
-    parts = load_training_components(cfg.models, dev, amp or torch.float32)
-    resolution = cfg.resolution or native_resolution(parts)
+    parts = (load_training_components(cfg.models, dev, amp or torch.float32, base_parts=components) if components is not None
+             else trainer_class.load_components(cfg.models, dev, amp or torch.float32))
+    resolution = cfg.resolution or trainer_class.native_resolution(parts)
     images, masks, _ = load_identity_set(cfg.data, resolution)
-    trainer = IdTrainer(cfg, parts, images, masks, class_word, dev)
+    trainer = trainer_class(cfg, parts, images, masks, class_word, dev)
     if resume is not None:
         trainer.load_checkpoint(resume)
         if trainer.step_done > cfg.steps:
@@ -536,7 +610,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         trainer.loss_start = trainer.evaluation_loss()
     loss_start = trainer.loss_start
     ckpt_dir = cfg.checkpoints()
-    bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="train ID tokens", disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, trainer.label, quiet=quiet, initial=trainer.step_done)
     try:
         for step in range(trainer.step_done, cfg.steps):
             loss = trainer.step(step)
@@ -545,11 +619,13 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
             if step_callback is not None:
                 step_callback(trainer.step_done, loss)
             if cfg.checkpoint_every and (trainer.step_done % cfg.checkpoint_every == 0 or trainer.step_done == cfg.steps):
-                trainer.save_checkpoint(ckpt_dir)
+                bar.set_postfix_str(f"loss={loss:.4f}, rendering the step-{trainer.step_done} checkpoint's frames")
+                trainer.save_checkpoint(ckpt_dir, progress=not bar.disable)
+                bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
         loss_end = trainer.evaluation_loss()
         info = trainer.identity_info(cfg.steps)
-        path = save_identity(cfg.out, trainer.id_tokens.embeddings, info)
+        path = trainer.write_identity(cfg.out, cfg.steps)
     except KeyboardInterrupt:
         bar.close()
         if trainer.step_done > 0:
@@ -561,13 +637,17 @@ def train(cfg: TrainConfig, *, quiet: bool = False, device: str | None = None, s
         "task": "train",
         "identity": info.metadata(),
         "data": str(Path(cfg.data).resolve()),
+        "data_sha256": content_hash(cfg.data),
         "segmentation": manifest.get("segmentation", ""),
         "loss_start": loss_start,
         "loss_end": loss_end,
-        "models": {"base": fingerprint(cfg.models.base)} | cfg.models.formats_record(),
+        "models": {"base": cfg.models.base_fingerprint()} | cfg.models.formats_record(),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
         | {"resolution": resolution, "class_word": class_word},
+        "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
+        "device": str(dev),
+        "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),  # for --from-record
     }
     write_sidecar(path, record)
-    trainer.id_tokens.remove()
+    trainer.release()
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))

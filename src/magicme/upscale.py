@@ -19,6 +19,7 @@ import numpy as np
 
 from .esrgan import load_rrdbnet
 from .models import TINY, ModelNotFoundError, ModelSpec, TinyPreset, _resolve, fingerprint
+from .progress import denoising_steps, progress_bar, step_counter
 from .v2v import (
     check_common,
     check_context,
@@ -284,19 +285,26 @@ def tiled_vcd(
     if upscaler is not None:
         upscaler.to(pipe.device)
     upscaled = upscale_frames(frames.astype(np.float32) / 255.0, cfg.scale, upscaler)
+    tiles = len(tile_grid(*upscaled.shape[1:3], tile, overlap, pipe.vae_scale_factor)[1])
+    # a clip longer than the context runs alone (FreeNoise windows, one prompt per call); shorter ones in batches
+    calls = tiles if len(frames) > cfg.context else -(-tiles // cfg.tile_batch)
+    bar = progress_bar(calls * denoising_steps(cfg.steps, cfg.strength), "tiled VCD", quiet=quiet)
+    on_step = step_counter(bar, step_callback)
     done = 0
 
     def restore(clips: np.ndarray) -> np.ndarray:
         nonlocal done
         seeds = tile_seeds(cfg.seed, done, len(clips))
+        bar.set_postfix_str(f"tiles {done + 1}-{done + len(clips)} of {tiles}")
         done += len(clips)
         return partial_denoise_windows(
             tile_pipe, clips, cfg.prompt, context=cfg.context, seeds=seeds, strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance,
             gamma=cfg.gamma, negative_prompt=cfg.negative_prompt, controlnet_scale=cfg.controlnet_scale,
-            step_callback=step_callback,
+            step_callback=on_step,
         )
 
-    result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch, pipe.vae_scale_factor)
+    with bar:
+        result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch, pipe.vae_scale_factor)
     write_video(result, out, fps=cfg.fps)
     extra = {
         "tile": tile,
@@ -306,5 +314,5 @@ def tiled_vcd(
         "controlnet_model": fingerprint(name) if name else None,
         "upscaler_model": fingerprint(cfg.upscaler) if cfg.upscaler else "lanczos",
     }
-    write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, **extra))
+    write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, pipe=pipe, **extra))
     return out

@@ -10,7 +10,6 @@ does. Face VCD (`face.py`) and Tiled VCD (`upscale.py`) are built on `partial_de
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from .identity import check_prompt_length, check_prompt_tokens, identity_record,
 from .long_video import plan_windows, windowed
 from .models import TINY, ModelSpec, check_motion_frames, fingerprint, load_pipeline, native_resolution
 from .noise_prior import correlate_frames
+from .progress import denoising_steps, progress_bar, step_counter
+from .records import absolute_paths, content_hash, runtime_record, to_jsonable
 from .video import check_output_path, read_video, write_sidecar, write_video
 
 
@@ -277,11 +278,11 @@ def resize_frames(frames: np.ndarray, height: int, width: int, interpolation: st
 
 
 def load_stage_pipeline(models: ModelSpec, identities: list[str], device: str | None, quiet: bool, pipe=None):
-    """The base pipeline (loaded once) with the identities in it, and a progress-bar setting."""
+    """The base pipeline (loaded once) with the identities in it; the stage draws its own progress bar."""
     if pipe is None:
         pipe = load_pipeline(models, device=device)
     load_identities(pipe, identities)
-    pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the stage's denoising calls (progress.py)
     return pipe
 
 
@@ -303,17 +304,21 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
     if h < scale or w < scale:
         raise ValueError(f"--video frames must be at least {scale}×{scale} pixels (the VAE's scale), got {w}×{h}")
     clip = resize_frames(frames.astype(np.float32) / 255.0, h // scale * scale, w // scale * scale)
-    result = partial_denoise_windows(
-        v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
-        guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt,
-    )[0]
+    with progress_bar(denoising_steps(cfg.steps, cfg.strength), "v2v", quiet=quiet) as bar:
+        if f > cfg.context:
+            bar.set_postfix_str(f"{f} frames in windows of {cfg.context}")
+        result = partial_denoise_windows(
+            v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
+            guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt, step_callback=step_counter(bar),
+        )[0]
     write_video(resize_frames(result, h, w), out, fps=cfg.fps)
-    write_sidecar(out, stage_record("v2v", cfg, video, frames.shape))
+    write_sidecar(out, stage_record("v2v", cfg, video, frames.shape, pipe=pipe))
     return out
 
 
-def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> dict:
-    """The run record of a V2V stage: its settings, input, models and identities."""
+def stage_record(task: str, cfg, video: str | Path, shape: tuple, *, pipe=None, **extra) -> dict:
+    """The run record of a V2V stage: its settings, input (with its content hash), models and identities,
+    the dtype/device `pipe` ran in (none when nothing was denoised), and the config `--from-record` rebuilds."""
     spec = cfg.models
     models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
     if spec.base != TINY:
@@ -325,5 +330,8 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, **extra) -> di
     models |= spec.formats_record()
     models["identities"] = [identity_record(p) for p in cfg.identities]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("models", "identities")}
-    source = {"path": str(Path(video).resolve()), "frames": shape[0], "height": shape[1], "width": shape[2]}
-    return {"task": task, "input": source, "models": models, **settings, **extra}
+    source = {"path": str(Path(video).resolve()), "sha256": content_hash(video), "frames": shape[0], "height": shape[1],
+              "width": shape[2]}
+    runtime = runtime_record(pipe) if pipe is not None else {}
+    return {"task": task, "input": source, "models": models, **settings, **runtime, **extra,
+            "config": to_jsonable(absolute_paths(cfg))}
