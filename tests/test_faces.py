@@ -26,7 +26,7 @@ from magicme.faces import (
     work_scale,
 )
 from magicme.models import ModelSpec
-from magicme.video import read_sidecar, read_video, write_video
+from magicme.video import read_sidecar, read_video, sidecar_path, write_video
 from photos import face_recognition_photos, grace_hopper, load_rgb, pan_zoom_clip
 
 DLIB = missing_packages() is None
@@ -381,6 +381,11 @@ def test_face_cli_uses_hog_and_its_track_thresholds(tmp_path, photos, capsys, ca
     assert "HOG" in rec["face_detector"] and "below 5" in rec["tracks"][0]["skipped"]
     assert all(box is not None for box in rec["tracks"][0]["boxes"])
     assert np.array_equal(read_video(out), frames)
+    # --from-record repeats the run with the recorded detector and track thresholds
+    again = tmp_path / "again"
+    assert main(["face", "--from-record", str(sidecar_path(out)), "--out", str(again), "--quiet"]) == 0
+    rerun = read_sidecar(again)
+    assert rerun["config"]["min_score"] == 5 and rerun["config"]["detector"] == "hog" and rerun["tracks"] == rec["tracks"]
     assert main(["face", "--video", str(video), "--prompt", "a woman", "--detector", "yolo", "--out", str(tmp_path / "x")]) == 2
     assert "--detector must be one of hog, cnn, haar" in capsys.readouterr().err
 
