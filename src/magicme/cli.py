@@ -26,8 +26,12 @@ def _warn_tiny(args, base: str, flag: str = "--base") -> None:
 
     Said once the output is written, beside its name (bad input gets its one error line and nothing else)."""
     if base == "tiny":
-        _warn(args, f"{flag} tiny is the random-weight test model: the output is noise, not a picture; "
-                    f"for real output {_real_weights_hint(flag)}")
+        hint = _real_weights_hint(flag)
+        if getattr(args, "backbone", None) == "wan":
+            from .wan import DEFAULT_WAN
+
+            hint = f"name real weights, e.g. {flag} {DEFAULT_WAN} (a hub id, downloaded once) or a local diffusers folder"
+        _warn(args, f"{flag} tiny is the random-weight test model: the output is noise, not a picture; for real output {hint}")
 
 
 def _shows_default(action: argparse.Action) -> bool:
@@ -256,8 +260,6 @@ def cmd_train(args) -> None:
 def _v2v_settings(args) -> dict:
     """Arguments shared by the V2V stages (v2v, face, upscale)."""
     models = _model_spec(args)
-    if models.resolved_backbone() == "wan":
-        raise ValueError(f"magicme {args.command} runs on AnimateDiff only for now (Wan's video-to-video stages are not built yet); give an SD-1.5-family --base")
     return dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -433,25 +435,34 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_evaluate_suite(args) -> None:
-    from .suite import load_suite, run_suite, suite_overrides
+    from .suite import backbone_paths, load_suites, run_suite, suite_overrides
 
-    cfg = load_suite(args.subjects, **suite_overrides(
+    suites = load_suites(args.subjects, **suite_overrides(backbone=args.backbone,
         seeds=args.seed, gamma=args.gamma, frames=args.frames, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, base=args.base, motion_adapter=args.motion_adapter,
         base_config=args.base_config, scheduler=args.scheduler, clip_model=args.clip_model, dino_model=args.dino_model,
         batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
         face_score=args.face_score, video_format=args.video_format, dtype=args.dtype,
     ))
-    run = run_suite(cfg, args.results, videos=args.videos, quiet=args.quiet, device=args.device)
-    print(f"process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
-          f"{run.results} holds {run.rows} rows", file=sys.stderr)
-    if run.process_index == 0 and run.rows:
-        from .report import summary
+    runs = []
+    for name, cfg in suites.items():  # one configuration per `backbones:` entry, each in its own results file
+        results, videos = backbone_paths(args.results, args.videos, name)
+        run = run_suite(cfg, results, videos=videos, quiet=args.quiet, device=args.device)
+        print(f"{name + ': ' if name else ''}process {run.process_index}/{run.num_processes}: scored {run.scored} new videos; "
+              f"{run.results} holds {run.rows} rows", file=sys.stderr)
+        runs.append(run)
+    if runs[0].process_index != 0:
+        return
+    from .report import summary, write_report
 
-        print(summary([run.results]))
-    if run.process_index == 0:
+    labels = list(suites) if len(suites) > 1 else None
+    if all(r.rows for r in runs):
+        print(summary([r.results for r in runs], labels))
+    if labels and all(r.rows for r in runs):  # the backbones side by side in one report
+        print(write_report([r.results for r in runs], Path(args.results).with_suffix(".report"), labels=labels)["markdown"])
+    for run in runs:
         print(run.results)
-        _warn_tiny(args, cfg.models.base)
+    _warn_tiny(args, next(iter(suites.values())).models.base)
 
 
 def cmd_report(args) -> None:
@@ -472,13 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-at", action="append", metavar="FRAME:PROMPT", help="prompt from FRAME on, blended from the one before (prompt travel); repeat")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, action="append", help="seed; repeat for several seeds (default 0)")
-    p.add_argument("--frames", type=int, default=None, help="frames (default 16; Wan: 81, and any count runs as the next 1 + 4k)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default: 16; Wan: 81, and any count runs as the next 1 + 4k)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's: 25 full, 4 fast, 6 lcm)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's: 7.5 full, 1.0 fast, 1.5 lcm)")
     p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
-    p.add_argument("--fps", type=int, default=None, help="default 8; Wan: 16")
+    p.add_argument("--fps", type=int, default=None, help="default: 8; Wan: 16")
     w = p.add_argument_group("long videos (FreeNoise windows; on by themselves past 16 frames)")
     w.add_argument("--context-length", type=int, default=None, help="frames per window (default 16, the motion module's)")
     w.add_argument("--context-stride", type=int, default=4, help="frames between window starts (default 4)")
@@ -592,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--motion-adapter", default=None)
     g.add_argument("--base-config", default=None)
     g.add_argument("--scheduler", default=None)
+    g.add_argument("--backbone", default=None, choices=["auto", "animatediff", "wan"], help="default: the subjects file's (auto: from --base)")
     g.add_argument("--device", default=None, help="default: this process's accelerate device")
     g.add_argument("--dtype", default=None, help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32; part of the configuration")
     p.set_defaults(func=cmd_evaluate_suite)

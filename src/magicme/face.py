@@ -30,6 +30,7 @@ from .v2v import (
     partial_denoise_windows,
     read_input_video,
     resize_frames,
+    size_multiple,
     stage_record,
     video_pipeline,
 )
@@ -163,9 +164,9 @@ class FaceConfig:
             raise ValueError(f"--min-track must be an integer >= 1, got {self.min_track!r}")
         if self.min_score is not None and not isinstance(self.min_score, (int, float)):
             raise ValueError(f"--min-score must be a number, got {self.min_score!r}")
-        size = self.size()
-        if not isinstance(size, int) or size < 8 or size % 8:
-            raise ValueError(f"--face-size must be a positive multiple of 8, got {size!r}")
+        size, multiple = self.size(), size_multiple(self.models)  # Wan: 16
+        if not isinstance(size, int) or size < multiple or size % multiple:
+            raise ValueError(f"--face-size must be a positive multiple of {multiple}, got {size!r}")
         if not self.margin >= 0:
             raise ValueError(f"--margin must be >= 0, got {self.margin!r}")
         if not 0 < self.feather <= 0.5:

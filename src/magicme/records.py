@@ -50,7 +50,8 @@ def dtype_name(dtype) -> str:
 
 def runtime_record(pipe) -> dict:
     """The dtype and device a loaded pipeline actually ran in (not 'auto')."""
-    return {"dtype": dtype_name(pipe.unet.dtype), "device": str(pipe._execution_device)}
+    model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # Wan: a transformer
+    return {"dtype": dtype_name(model.dtype), "device": str(pipe._execution_device)}
 
 
 def read_record(path: str | Path) -> dict:

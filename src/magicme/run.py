@@ -14,6 +14,10 @@ The config file (YAML or TOML) has top-level keys `images`, `class_word`, `token
 `work_dir`, `models`, and one table per stage holding that stage's own options (the same names as
 its CLI flags, with underscores); `face: false` / `upscale: false` / `evaluate: false` skip a stage.
 Every key and the type of every value are checked before any work.
+
+`models.backbone: wan` (or a Wan `models.base`) runs the chain on Wan 2.x: the train table then also takes
+`form` (tokens or lora) and `lora_rank`, the clips default to Wan's 81 frames at 16 fps, and Face and Tiled VCD
+write at the generated clip's frame rate (as on AnimateDiff).
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def _stage_config_class(stage: str):
+def _stage_config_class(stage: str, backbone: str = "animatediff"):
     from .evaluate import MetricModels
     from .face import FaceConfig
     from .generate import GenerateConfig
@@ -102,15 +106,19 @@ def _stage_config_class(stage: str):
     from .train import TrainConfig
     from .upscale import UpscaleConfig
 
+    if stage == "train" and backbone == "wan":
+        from .wan_train import WanTrainConfig
+
+        return WanTrainConfig
     return {"prepare": PrepareConfig, "train": TrainConfig, "generate": GenerateConfig, "face": FaceConfig,
             "upscale": UpscaleConfig, "evaluate": MetricModels}[stage]
 
 
-def _stage_table(stage: str, table: dict) -> dict:
+def _stage_table(stage: str, table: dict, backbone: str = "animatediff") -> dict:
     """A stage table with its keys checked (unknown or wired keys are errors) and its values' types checked."""
     import typing
 
-    cls = _stage_config_class(stage)
+    cls = _stage_config_class(stage, backbone)
     table = dict(table)
     if stage == "generate" and "seed" in table:  # one seed is a list of one
         if "seeds" in table:
@@ -165,6 +173,7 @@ def _parse_chain_config(data: dict, path: Path) -> ChainConfig:
             if (root / file).exists():
                 entries[i] = f"{root / file}:{scale}"
         models = dataclasses.replace(models, **{key: tuple(entries)})
+    backbone = models.resolved_backbone()
     stages: dict[str, dict | None] = {}
     for stage in STAGES:
         table = data.get(stage, {})
@@ -175,7 +184,7 @@ def _parse_chain_config(data: dict, path: Path) -> ChainConfig:
             continue
         if table is True:
             table = {}
-        stages[stage] = _stage_table(stage, table or {})
+        stages[stage] = _stage_table(stage, table or {}, backbone)
     if "seed" in data:  # before the video and training seeds were separate, one key set both
         if "seeds" in stages["generate"]:
             raise ValueError("give the video seed as generate.seed (top-level 'seed' is its old name), not both")
@@ -214,28 +223,33 @@ def build_stage_configs(cfg: ChainConfig) -> dict[str, Any]:
     from .generate import GenerateConfig
     from .identity import IdentityInfo, check_prompt_tokens
     from .prepare import PrepareConfig
-    from .train import TrainConfig
     from .upscale import UpscaleConfig
 
     if not cfg.images.is_dir():
         raise FileNotFoundError(f"images {str(cfg.images)!r} is not a folder")
+    from .wan_generate import default_clip
+
     w = cfg.work_dir
     identity = str(output_path(w, "train"))
     st = cfg.stages
     shared = dict(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, gamma=cfg.gamma,
                   identities=[identity], models=cfg.models)
+    frames, fps = default_clip(cfg.models)  # Wan: 81 at 16 fps
+    gen_table = {"frames": frames, "fps": fps} | st["generate"]
+    train_class = _stage_config_class("train", cfg.models.resolved_backbone())
     configs: dict[str, Any] = {
         "prepare": PrepareConfig(images=cfg.images, class_word=cfg.class_word, out=output_path(w, "prepare"), **st["prepare"]),
         # the identity trains on the plain base; the LoRAs join at generation (the paper's "mix and match")
-        "train": TrainConfig(data=output_path(w, "prepare"), token=cfg.token, class_word=cfg.class_word, out=identity,
+        "train": train_class(data=output_path(w, "prepare"), token=cfg.token, class_word=cfg.class_word, out=identity,
                              models=dataclasses.replace(cfg.models, loras=(), motion_loras=()), **st["train"]),
         "generate": GenerateConfig(prompts=[cfg.prompt], negative_prompt=cfg.negative_prompt, gamma=cfg.gamma,
-                                   identities=[identity], models=cfg.models, **st["generate"]),
+                                   identities=[identity], models=cfg.models, **gen_table),
     }
+    clip_fps = {"fps": gen_table["fps"]}  # Face and Tiled VCD keep the generated clip's frame rate unless told
     if st["face"] is not None:
-        configs["face"] = FaceConfig(**shared, **st["face"])
+        configs["face"] = FaceConfig(**shared, **(clip_fps | st["face"]))
     if st["upscale"] is not None:
-        configs["upscale"] = UpscaleConfig(**shared, **st["upscale"])
+        configs["upscale"] = UpscaleConfig(**shared, **(clip_fps | st["upscale"]))
     if st["evaluate"] is not None:
         from .evaluate import MetricModels
 
@@ -304,6 +318,10 @@ class ChainModels:
         """The base model's components for `train(components=...)`, or None (train loads its own)."""
         from .models import load_base, tiny_components
 
+        if self.spec.resolved_backbone() == "wan":  # the Wan trainer loads its own frozen copy
+            if self.spec.base != TINY:
+                self.log("[train] loads its own copy of the Wan weights; the video stages load theirs after training")
+            return None
         if not self.shareable:
             self.log(f"[train] loads its own copy of the weights: it trains at another precision than the "
                      f"video pipeline's {self.dtype} (set models.speed.dtype or train.mixed_precision to share one)")

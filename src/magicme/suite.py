@@ -10,6 +10,11 @@ Ablations (Table 2): `gamma: 0` is "w/o 3D Gaussian noise prior"; "w/o prompt-to
 is a subject whose identity was trained without the mask (its file's `masked` metadata, copied
 into every row). Baselines without an ID module (Table 1's "SD", "Realistic Vision"): a subject with
 `identity: none` and plain class-word prompts, in a results file of its own `base`.
+
+Backbones: `backbone: wan` runs the whole suite on Wan 2.x. A `backbones:` table (name → model settings, e.g.
+`animatediff: {base: ...}` and `wan: {backbone: wan, base: ...}`) runs the same subjects, prompts and seeds on
+each, one results file per entry (`results.<name>.jsonl`), compared in one report; a subject's `identity` is
+then a mapping name → file (identities are backbone-specific).
 """
 
 from __future__ import annotations
@@ -116,7 +121,15 @@ class SuiteConfig:
                 if not s.prompts:
                     raise ValueError("the prompt list is empty")
                 self.generate_config(s).check()
+                if self.models.resolved_backbone() == "wan":
+                    from .wan_generate import check_wan_request
+
+                    check_wan_request(self.generate_config(s))
                 check_prompt_tokens(list(s.prompts), [info] if info else [])
+                if info is not None:
+                    from .identity import check_identity_backbone
+
+                    check_identity_backbone(s.identity, info, self.models.resolved_backbone())
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"{where}: {e}") from None
 
@@ -134,7 +147,13 @@ class SuiteConfig:
             gen["metrics_dtype"] = "float16" if device.type == "cuda" else "float32"  # as `Scorer` loads them
         spec = self.models
         models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler}
-        if spec.base != "tiny":
+        if spec.resolved_backbone() == "wan":  # its own scheduler, no motion adapter; tiny Wan ≠ tiny AnimateDiff
+            models = {"backbone": "wan", "base": spec.base_fingerprint()}
+            if device is not None:
+                from .wan import wan_dtype
+
+                gen["dtype"] = str(wan_dtype(spec, device)).removeprefix("torch.")
+        elif spec.base != "tiny":
             models["motion_adapter"] = fingerprint(spec.adapter_name())
         for key in ("face_score", "face_model", "face_detector"):
             del gen[key]
@@ -146,13 +165,36 @@ class SuiteConfig:
 # ---- the subjects file ---------------------------------------------------------------------------
 
 _SUBJECT_KEYS = {"name", "identity", "references", "prompts", "class_word"}
-_MODEL_KEYS = {"base": "base", "motion_adapter": "motion_adapter", "base_config": "base_config", "scheduler": "scheduler"}
+_MODEL_KEYS = {"base": "base", "motion_adapter": "motion_adapter", "base_config": "base_config", "scheduler": "scheduler",
+               "backbone": "backbone"}
 _SPEED_KEYS = {"dtype": "dtype"}  # auto: fp16 on CUDA, fp32 on CPU
 _METRIC_KEYS = {"clip_model": "clip", "dino_model": "dino", "batch_size": "batch_size"}
 _PLAIN_KEYS = {f.name for f in fields(SuiteConfig)} - {"subjects", "models", "metrics"}
 
 
-def load_suite(path: str | Path, **overrides) -> SuiteConfig:
+def suite_backbones(path: str | Path) -> list[str]:
+    """The entries of the subjects file's `backbones:` table, in order ([] when it has none)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # load_suite reports it
+    table = doc.get("backbones") if isinstance(doc, dict) else None
+    if table is None:
+        return []
+    if not isinstance(table, dict) or not table or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"--subjects {str(path)!r}: 'backbones' must map names to model settings, e.g. wan: {{backbone: wan, base: ...}}")
+    return [str(k) for k in table]
+
+
+def load_suites(path: str | Path, **overrides) -> dict[str, SuiteConfig]:
+    """Every configuration of a subjects file: its `backbones:` entries by name, or {"": the one suite}."""
+    names = suite_backbones(path)
+    return {name: load_suite(path, backbone_entry=name, **overrides) for name in names} if names else {"": load_suite(path, **overrides)}
+
+
+def load_suite(path: str | Path, backbone_entry: str | None = None, **overrides) -> SuiteConfig:
     """Read a subjects file (YAML; paths relative to it) into a checked `SuiteConfig`.
 
     `overrides` (CLI flags; None = keep the file's) may set any top-level key, e.g. gamma=0.0.
@@ -181,6 +223,15 @@ def load_suite(path: str | Path, **overrides) -> SuiteConfig:
     if not isinstance(doc, dict) or not isinstance(doc.get("subjects"), list):
         raise ValueError(f"--subjects {str(path)!r} must be a mapping with a 'subjects:' list")
     root = path.parent
+    backbones = doc.pop("backbones", None)
+    if backbones is not None:
+        if backbone_entry is None or not isinstance(backbones, dict) or not isinstance(backbones.get(backbone_entry), dict):
+            raise ValueError(f"--subjects {str(path)!r}: give the 'backbones' entry to run (load_suites runs each)")
+        entry = backbones[backbone_entry]
+        allowed = set(_MODEL_KEYS) | set(_SPEED_KEYS) | _PLAIN_KEYS
+        if set(entry) - allowed:
+            raise ValueError(f"--subjects {str(path)!r}: backbones.{backbone_entry}: unknown keys {sorted(set(entry) - allowed)}; known: {sorted(allowed)}")
+        doc.update(entry)  # the entry's settings over the file's shared ones
     for key in ("face_model", "face_detector"):  # the file's paths are relative to it; a flag's to the cwd
         if doc.get(key):
             doc[key] = str(root / doc[key])
@@ -192,7 +243,7 @@ def load_suite(path: str | Path, **overrides) -> SuiteConfig:
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ValueError(f"--subjects {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
-    subjects = [_subject(entry, i, root, path) for i, entry in enumerate(doc["subjects"])]
+    subjects = [_subject(entry, i, root, path, backbone_entry) for i, entry in enumerate(doc["subjects"])]
     plain = {k: doc[k] for k in _PLAIN_KEYS if k in doc}
     if "seeds" in plain:
         plain["seeds"] = list(plain["seeds"]) if isinstance(plain["seeds"], (list, tuple)) else [plain["seeds"]]
@@ -207,7 +258,7 @@ def load_suite(path: str | Path, **overrides) -> SuiteConfig:
     return cfg
 
 
-def _subject(entry, i: int, root: Path, path: Path) -> Subject:
+def _subject(entry, i: int, root: Path, path: Path, backbone_entry: str | None = None) -> Subject:
     if not isinstance(entry, dict):
         raise ValueError(f"--subjects {str(path)!r}: subject #{i + 1} must be a mapping")
     unknown = sorted(set(entry) - _SUBJECT_KEYS)
@@ -218,9 +269,16 @@ def _subject(entry, i: int, root: Path, path: Path) -> Subject:
     prompts = entry["prompts"]
     if isinstance(prompts, str) or not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"--subjects: subject {name!r}: prompts must be a list of non-empty strings")
+    identity = entry["identity"]
+    if isinstance(identity, dict):  # one identity file per backbone entry
+        if backbone_entry not in identity:
+            raise ValueError(f"--subjects: subject {name!r}: its identity names backbones {sorted(identity)}, "
+                             f"not {backbone_entry!r}" if backbone_entry else f"--subjects: subject {name!r}: an identity per "
+                             "backbone needs a 'backbones:' table")
+        identity = identity[backbone_entry]
     return Subject(
         name=name,
-        identity=None if entry["identity"] in (None, "none") else root / str(entry["identity"]),
+        identity=None if identity in (None, "none") else root / str(identity),
         references=(root / str(entry["references"])),
         prompts=tuple(prompts),
         class_word=str(entry.get("class_word") or ""),
@@ -468,6 +526,7 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
     from .faces import is_person
     from .generate import generate_video, run_record
     from .models import load_pipeline
+    from .wan_generate import wan_suite_video
     from .video import read_video, write_sidecar, write_video
 
     videos = Path(videos) if videos else results.with_name(results.name + ".videos")
@@ -490,20 +549,30 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
         face, people_only = resolve_face_score(cfg.face_score, cfg.face_model, cfg.face_detector, people=people)
         scorer = Scorer(cfg.metrics, device=dev, face=face, face_people_only=people_only)
         loaded: dict[str, Path] = {}
-        height, width = cfg.generate_config(cfg.subjects[0]).size(pipe)
+        wan = cfg.models.resolved_backbone() == "wan"
+        if wan:
+            from .wan_generate import wan_size
+
+            height, width = wan_size(cfg.generate_config(cfg.subjects[0]))
+        else:
+            height, width = cfg.generate_config(cfg.subjects[0]).size(pipe)
         show = not quiet and sys.stderr.isatty() and state.is_main_process
         for job in tqdm(mine, desc="suite", disable=not show):
             s = job.subject
-            info = use_identity(pipe, s.identity, loaded) if s.identity else None
-            frames = generate_video(
-                pipe, job.prompt, negative_prompt=cfg.negative_prompt, seed=job.seed, frames=cfg.frames,
-                height=height, width=width, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
-            )
+            if wan:  # the Wan clip and its record, from the same functions `magicme generate` uses
+                frames, record, info = wan_suite_video(pipe, cfg.generate_config(s), job.prompt, job.seed, height, width)
+            else:
+                info = use_identity(pipe, s.identity, loaded) if s.identity else None
+                frames = generate_video(
+                    pipe, job.prompt, negative_prompt=cfg.negative_prompt, seed=job.seed, frames=cfg.frames,
+                    height=height, width=width, steps=cfg.steps, guidance=cfg.guidance, gamma=cfg.gamma,
+                )
+                record = run_record(cfg.generate_config(s), job.prompt, job.seed, height, width)
             tag = hashlib.sha256(job.prompt.encode()).hexdigest()[:8]  # an edited prompt list never overwrites a kept clip
             clip = videos / s.name / f"p{job.prompt_index:03d}_{tag}_s{job.seed}.{cfg.video_format}"
             clip.parent.mkdir(parents=True, exist_ok=True)
             write_video(frames, clip)
-            write_sidecar(clip, run_record(cfg.generate_config(s), job.prompt, job.seed, height, width))
+            write_sidecar(clip, record)
             frames = read_video(clip)  # score the clip as saved (codec and all), as `magicme evaluate` on it would
             class_word = (s.class_word or info.class_word) if info else s.class_word
             token = info.token if info else None
@@ -520,6 +589,14 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
         merge_results(results)
     state.wait_for_everyone()
     return SuiteRun(results, state.process_index, state.num_processes, len(mine), len(read_rows(results)))
+
+
+def backbone_paths(results: str | Path, videos: str | Path | None, name: str) -> tuple[Path, Path | None]:
+    """(results file, videos folder) of one `backbones:` entry: `results.<name>.jsonl` and `videos/<name>`."""
+    results = Path(results)
+    if not name:
+        return results, Path(videos) if videos else None
+    return results.with_name(f"{results.stem}.{name}.jsonl"), Path(videos) / name if videos else None
 
 
 def suite_overrides(**kwargs) -> dict:

@@ -25,7 +25,10 @@ from .v2v import (
     check_context,
     load_stage_pipeline,
     model_size,
+    is_wan_spec,
     partial_denoise_windows,
+    pixel_multiple,
+    size_multiple,
     stage_dtype,
     read_input_video,
     resize_frames,
@@ -218,15 +221,17 @@ class UpscaleConfig:
             raise ValueError(f"--scale must be 2 or 4, got {self.scale!r}")
         if self.upscaler is not None and not Path(self.upscaler).is_file():
             raise FileNotFoundError(f"--upscaler {self.upscaler!r} does not exist")
-        tile = self.tile_size()
-        if not isinstance(tile, int) or tile < 8 or tile % 8:
-            raise ValueError(f"--tile must be a positive multiple of 8, got {tile!r}")
+        tile, multiple = self.tile_size(), size_multiple(self.models)  # Wan: 16
+        if not isinstance(tile, int) or tile < multiple or tile % multiple:
+            raise ValueError(f"--tile must be a positive multiple of {multiple}, got {tile!r}")
         overlap = self.overlap_size()
         if not isinstance(overlap, int) or not 0 <= overlap < tile:
             raise ValueError(f"--overlap must be an integer in [0, --tile), got {overlap!r}")
         check_context(self.context)
         if not isinstance(self.tile_batch, int) or self.tile_batch < 1:
             raise ValueError(f"--tile-batch must be an integer >= 1, got {self.tile_batch!r}")
+        if is_wan_spec(self.models) and self.controlnet not in (None, NO_CONTROLNET):
+            raise ValueError("--controlnet: ControlNet Tile exists for SD-1.5 only; on Wan the tiles are restored without it (leave --controlnet out)")
         if not self.controlnet_scale >= 0:
             raise ValueError(f"--controlnet-scale must be >= 0, got {self.controlnet_scale!r}")
         name = self.controlnet_name()
@@ -235,7 +240,7 @@ class UpscaleConfig:
 
     def controlnet_name(self) -> str | None:
         """The ControlNet Tile to load (`TINY` for the tiny preset's), or None for `--controlnet none`."""
-        if self.controlnet == NO_CONTROLNET:
+        if self.controlnet == NO_CONTROLNET or is_wan_spec(self.models):
             return None
         if self.controlnet is None:
             return TINY if self.models.base == TINY else DEFAULT_CONTROLNET
@@ -285,9 +290,11 @@ def tiled_vcd(
     if upscaler is not None:
         upscaler.to(pipe.device)
     upscaled = upscale_frames(frames.astype(np.float32) / 255.0, cfg.scale, upscaler)
-    tiles = len(tile_grid(*upscaled.shape[1:3], tile, overlap, pipe.vae_scale_factor)[1])
+    multiple = pixel_multiple(pipe)
+    tiles = len(tile_grid(*upscaled.shape[1:3], tile, overlap, multiple)[1])
     # a clip longer than the context runs alone (FreeNoise windows, one prompt per call); shorter ones in batches
-    calls = tiles if len(frames) > cfg.context else -(-tiles // cfg.tile_batch)
+    windows = len(frames) > cfg.context and not is_wan_spec(cfg.models)  # Wan denoises whole clips
+    calls = tiles if windows else -(-tiles // cfg.tile_batch)
     bar = progress_bar(calls * denoising_steps(cfg.steps, cfg.strength), "tiled VCD", quiet=quiet)
     on_step = step_counter(bar, step_callback)
     done = 0
@@ -304,14 +311,16 @@ def tiled_vcd(
         )
 
     with bar:
-        result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch, pipe.vae_scale_factor)
+        result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch, multiple)
     write_video(result, out, fps=cfg.fps)
     extra = {
         "tile": tile,
-        "tile_size": list(tile_grid(*upscaled.shape[1:3], tile, overlap, pipe.vae_scale_factor)[0]),
+        "tile_size": list(tile_grid(*upscaled.shape[1:3], tile, overlap, multiple)[0]),
         "overlap": overlap,
         "tiles": done,
         "controlnet_model": fingerprint(name) if name else None,
+        **({"controlnet_note": "Wan: no ControlNet Tile exists for it; the tiles are restored by partial denoising alone"}
+           if is_wan_spec(cfg.models) else {}),
         "upscaler_model": fingerprint(cfg.upscaler) if cfg.upscaler else "lanczos",
     }
     write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, pipe=pipe, **extra))

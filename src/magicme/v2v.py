@@ -6,6 +6,9 @@ The clip is encoded by the VAE, noised to the start timestep of `strength` with 
 result is the stock pipeline's, bit for bit. A clip longer than the motion module's context runs in
 diffusers' FreeNoise windows (overlapping, blended at every step) over one noise-prior draw, as `generate`
 does. Face VCD (`face.py`) and Tiled VCD (`upscale.py`) are built on `partial_denoise`.
+
+On the Wan backbone the same functions hand over to `wan_v2v` (stock `WanVideoToVideoPipeline`, the latent
+noise prior); the stages do not know which backbone runs.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ def video_pipeline(pipe, controlnet=None):
     """The video-to-video pipeline sharing `pipe`'s loaded modules (nothing loads twice)."""
     from diffusers import AnimateDiffVideoToVideoControlNetPipeline, AnimateDiffVideoToVideoPipeline
 
+    from .wan_v2v import is_wan, wan_video_pipeline
+
+    if is_wan(pipe):
+        assert controlnet is None, "ControlNet Tile is SD-1.5's; UpscaleConfig refuses it on Wan"
+        return wan_video_pipeline(pipe)
     if controlnet is None:
         out = AnimateDiffVideoToVideoPipeline.from_pipe(pipe)
     else:
@@ -185,6 +193,11 @@ def partial_denoise_windows(pipe, clips: np.ndarray, prompt: str, *, context: in
     strides (see `long_video.tiled_frames`) and cut back; such clips run one at a time (FreeNoise encodes one
     prompt per call).
     """
+    from .wan_v2v import is_wan, wan_partial_denoise
+
+    if is_wan(pipe):  # Wan denoises the whole clip at once
+        kwargs.pop("controlnet_scale", None)
+        return wan_partial_denoise(pipe, clips, prompt, seeds=seeds, **kwargs)
     b, frames = clips.shape[:2]
     check_motion_frames(min(context, frames), pipe.unet.config.get("motion_max_seq_length"), "--context")
     if frames <= context:
@@ -236,14 +249,34 @@ def check_common(cfg) -> None:
     if not cfg.guidance >= 0:
         raise ValueError(f"--guidance must be >= 0, got {cfg.guidance!r}")
     cfg.models.check()
-    if isinstance(cfg.context, int):
+    if isinstance(cfg.context, int) and not is_wan_spec(cfg.models):  # Wan has no motion module's frame table
         cfg.models.check_frames(cfg.context, "--context")
     check_prompt_tokens([cfg.prompt], [read_identity_info(p) for p in cfg.identities])
 
 
+def is_wan_spec(spec: ModelSpec) -> bool:
+    return spec.resolved_backbone() == "wan"
+
+
 def model_size(spec: ModelSpec, pipe=None) -> int:
-    """The base model's native side in pixels (SD-1.5 512, SD-2 768, tiny 64): from `pipe` when loaded, else its configs."""
+    """The base model's native side in pixels (SD-1.5 512, SD-2 768, tiny 64; Wan 480): from `pipe` when loaded, else its configs."""
+    if is_wan_spec(spec):
+        from .wan import wan_native_side
+
+        return wan_native_side(spec)
     return native_resolution(spec, pipe)
+
+
+def size_multiple(spec: ModelSpec) -> int:
+    """Frame, face and tile sides are multiples of this: the VAE's 8 (Wan: 16, its VAE's 8 × the transformer's patch 2)."""
+    return 16 if is_wan_spec(spec) else 8
+
+
+def pixel_multiple(pipe) -> int:
+    """`size_multiple` of a loaded pipeline."""
+    from .wan_v2v import is_wan, wan_pixel_multiple
+
+    return wan_pixel_multiple(pipe) if is_wan(pipe) else pipe.vae_scale_factor
 
 
 def stage_dtype(spec: ModelSpec, pipe=None, device: str | None = None) -> torch.dtype:
@@ -281,7 +314,12 @@ def load_stage_pipeline(models: ModelSpec, identities: list[str], device: str | 
     """The base pipeline (loaded once) with the identities in it; the stage draws its own progress bar."""
     if pipe is None:
         pipe = load_pipeline(models, device=device)
-    load_identities(pipe, identities)
+    if is_wan_spec(models):
+        from .wan_identity import load_wan_identities
+
+        load_wan_identities(pipe, identities)
+    else:
+        load_identities(pipe, identities)
     pipe.set_progress_bar_config(disable=True)  # one bar over the stage's denoising calls (progress.py)
     return pipe
 
@@ -290,7 +328,7 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
     """Partially denoise the clip at `video` with `cfg`; write it to `out` with its run record; return `out`.
 
     The clip is denoised at its own size rounded down to a multiple of the VAE's scale factor (8 for
-    SD) and resized back, so the output has the input's frame count and size.
+    SD; 16 on Wan) and resized back, so the output has the input's frame count and size.
     """
     cfg.check()
     out = check_output_path(out)
@@ -300,12 +338,12 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
         raise ValueError(f"--video frames must be at least 8×8 pixels, got {w}×{h}")
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
     v2v_pipe = video_pipeline(pipe)
-    scale = pipe.vae_scale_factor
+    scale = pixel_multiple(pipe)
     if h < scale or w < scale:
         raise ValueError(f"--video frames must be at least {scale}×{scale} pixels (the VAE's scale), got {w}×{h}")
     clip = resize_frames(frames.astype(np.float32) / 255.0, h // scale * scale, w // scale * scale)
     with progress_bar(denoising_steps(cfg.steps, cfg.strength), "v2v", quiet=quiet) as bar:
-        if f > cfg.context:
+        if f > cfg.context and not is_wan_spec(cfg.models):  # Wan denoises the whole clip at once
             bar.set_postfix_str(f"{f} frames in windows of {cfg.context}")
         result = partial_denoise_windows(
             v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
@@ -321,7 +359,14 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, *, pipe=None, 
     the dtype/device `pipe` ran in (none when nothing was denoised), and the config `--from-record` rebuilds."""
     spec = cfg.models
     models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
-    if spec.base != TINY:
+    if is_wan_spec(spec):  # Wan keeps its model's flow-matching scheduler and has no motion adapter
+        models = {"backbone": "wan", "base": spec.base_fingerprint()}
+        if pipe is not None:
+            from .models import scheduler_record
+            from .wan import flow_shift
+
+            models["scheduler_config"] = scheduler_record(pipe.scheduler) | {"flow_shift": flow_shift(pipe.scheduler)}
+    elif spec.base != TINY:
         models["motion_adapter"] = fingerprint(spec.adapter_name())
         if spec.adapter_weights():
             models["motion_adapter"]["weights"] = spec.adapter_weights()

@@ -98,6 +98,13 @@ def save_tiny_wan_model(folder: str | Path, preset: TinyWanPreset = TinyWanPrese
     return folder
 
 
+def wan_native_side(spec) -> int:
+    """The side of a square crop (Face VCD) or tile (Tiled VCD) on Wan: the tiny preset's 64, else 480 (Wan's 480p)."""
+    from .models import TINY
+
+    return TinyWanPreset().resolution if spec.base == TINY else WanDefaults().height
+
+
 def tiny_wan_fingerprint() -> dict:
     return {"name": "tiny", "backbone": "wan", "preset": asdict(TinyWanPreset())}
 
@@ -186,12 +193,29 @@ def load_wan_pipeline(spec, device: str | torch.device | None = None, dtype: tor
     else:
         vae = _from_pretrained(AutoencoderKLWan, "base model", spec.base, subfolder="vae", dtype=torch.float32)
         pipe = _from_pretrained(WanPipeline, "base model", spec.base, vae=vae, dtype=dtype)
-    if spec.speed.low_vram:
+    if spec.speed.low_vram:  # what diffusers offers for Wan: VAE tiling and slicing, group offloading
         pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
         if device.type == "cuda":
-            pipe.enable_model_cpu_offload(device=device)  # each model on the GPU only while it runs
+            offload_in_blocks(pipe, device)
             return pipe
     return pipe.to(device)
+
+
+def offload_in_blocks(pipe, device: torch.device) -> None:
+    """`--low-vram` on CUDA: UMT5 and the transformer(s) stay in CPU memory and stream to `device` one block at a
+    time (diffusers' group offloading, the copies overlapped with compute on a CUDA stream); the VAE (0.5 GB) moves
+    to `device`. The peak is then about one block plus activations, where model CPU offload peaks at the whole
+    UMT5-xxl (≈ 11 GiB in bf16), more than an 8 GB card holds."""
+    from diffusers.hooks import apply_group_offloading
+
+    for model in (pipe.text_encoder, pipe.transformer, getattr(pipe, "transformer_2", None)):
+        if model is not None:
+            apply_group_offloading(
+                model, onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                num_blocks_per_group=1, use_stream=device.type == "cuda",
+            )
+    pipe.vae.to(device)
 
 
 def wan_latent_shape(pipe, batch: int, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
@@ -217,7 +241,7 @@ def encode_wan_video(vae, video: torch.Tensor, sample: torch.Tensor | None = Non
     dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
     z = dist.mean if sample is None else dist.mean + dist.std * sample.to(dist.mean.device, dist.mean.dtype)
     mean, std = latent_statistics(vae, z.dtype, z.device)
-    return (z - mean) / std
+    return (z - mean) * (1.0 / std)  # the stock pipelines' rounding: multiply by the reciprocal
 
 
 def flow_shift(scheduler) -> float:

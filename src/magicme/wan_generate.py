@@ -97,6 +97,52 @@ def wan_video(
     return out.frames[0][:frames]
 
 
+def wan_schedule(cfg: GenerateConfig) -> tuple[int, float]:
+    """(steps, guidance): as asked, else Wan's stock 50 and 5.0."""
+    return cfg.steps or WanDefaults().steps, WanDefaults().guidance if cfg.guidance is None else cfg.guidance
+
+
+def wan_clip(pipe, cfg: GenerateConfig, prompt: str, seed: int, height: int, width: int, infos, step_callback=None) -> np.ndarray:
+    """One clip of `cfg` for `prompt` and `seed`, with the identities `infos` already loaded into `pipe`."""
+    steps, guidance = wan_schedule(cfg)
+    return wan_video(
+        pipe,
+        expand_identity_prompt(prompt, infos),
+        negative_prompt=expand_identity_prompt(cfg.negative_prompt, infos),
+        seed=seed,
+        frames=cfg.frames,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        gamma=cfg.gamma,
+        **({"callback_on_step_end": step_callback} if step_callback else {}),
+    )
+
+
+def wan_record(pipe, cfg: GenerateConfig, prompt: str, seed: int, height: int, width: int, infos) -> dict:
+    """The run record of one Wan clip."""
+    steps, guidance = wan_schedule(cfg)
+    return {
+        "task": "t2v", "backbone": "wan", "prompt": prompt, "seed": seed, "height": height, "width": width,
+        "frames": cfg.frames, "generated_frames": wan_frame_count(cfg.frames, pipe.vae_scale_factor_temporal),
+        "steps": steps, "guidance": guidance, "gamma": cfg.gamma, "fps": cfg.fps, "negative_prompt": cfg.negative_prompt,
+        "models": {
+            "base": cfg.models.base_fingerprint(),
+            "scheduler_config": scheduler_record(pipe.scheduler) | {"flow_shift": flow_shift(pipe.scheduler)},
+            "speed": asdict(cfg.models.speed) | {"dtype_used": str(pipe.transformer.dtype).removeprefix("torch.")},
+            "identities": [{**fingerprint(str(p)), "token": i.token, "form": i.form} for p, i in zip(cfg.identities, infos)],
+        },
+    }
+
+
+def wan_suite_video(pipe, cfg: GenerateConfig, prompt: str, seed: int, height: int, width: int):
+    """(frames, run record, identity info or None) of one suite job: `cfg.identities` become the only active ones."""
+    infos = load_wan_identities(pipe, cfg.identities)
+    frames = wan_clip(pipe, cfg, prompt, seed, height, width, infos)
+    return frames, wan_record(pipe, cfg, prompt, seed, height, width, infos), (infos[0] if infos else None)
+
+
 def generate_wan(
     cfg: GenerateConfig, out: str | Path, *, pipe=None, quiet: bool = False, device: str | None = None,
     step_callback=None,
@@ -106,38 +152,12 @@ def generate_wan(
     cfg.check()
     paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
     height, width = wan_size(cfg)
-    steps = cfg.steps or WanDefaults().steps
-    guidance = WanDefaults().guidance if cfg.guidance is None else cfg.guidance
     if pipe is None:
         pipe = load_wan_pipeline(cfg.models, device=device)
     infos = load_wan_identities(pipe, cfg.identities)
     pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
     jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]
     for (prompt, seed), path in zip(jobs, paths):
-        frames = wan_video(
-            pipe,
-            expand_identity_prompt(prompt, infos),
-            negative_prompt=expand_identity_prompt(cfg.negative_prompt, infos),
-            seed=seed,
-            frames=cfg.frames,
-            height=height,
-            width=width,
-            steps=steps,
-            guidance=guidance,
-            gamma=cfg.gamma,
-            **({"callback_on_step_end": step_callback} if step_callback else {}),
-        )
-        write_video(frames, path, fps=cfg.fps)
-        record = {
-            "task": "t2v", "backbone": "wan", "prompt": prompt, "seed": seed, "height": height, "width": width,
-            "frames": cfg.frames, "generated_frames": wan_frame_count(cfg.frames, pipe.vae_scale_factor_temporal),
-            "steps": steps, "guidance": guidance, "gamma": cfg.gamma, "fps": cfg.fps, "negative_prompt": cfg.negative_prompt,
-            "models": {
-                "base": cfg.models.base_fingerprint(),
-                "scheduler_config": scheduler_record(pipe.scheduler) | {"flow_shift": flow_shift(pipe.scheduler)},
-                "speed": asdict(cfg.models.speed) | {"dtype_used": str(pipe.transformer.dtype).removeprefix("torch.")},
-                "identities": [{**fingerprint(str(p)), "token": i.token, "form": i.form} for p, i in zip(cfg.identities, infos)],
-            },
-        }
-        write_sidecar(path, record)
+        write_video(wan_clip(pipe, cfg, prompt, seed, height, width, infos, step_callback), path, fps=cfg.fps)
+        write_sidecar(path, wan_record(pipe, cfg, prompt, seed, height, width, infos))
     return paths

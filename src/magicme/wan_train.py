@@ -125,7 +125,8 @@ class WanTrainer(IdTrainer):
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.micro_batch = cfg.micro_batch or cfg.batch_size
         self.step_done = 0
-        self.loss_start: float | None = None  # as IdTrainer: the run's first evaluation loss, kept across --resume
+        self.loss_start: float | None = None
+        self.saved: Path | None = None
 
     load_components = staticmethod(load_wan_training_components)
 
