@@ -16,26 +16,52 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionPipeline
 
-from common import MID, PeakMemory, device_name, print_table, record, sd15_size_components, timed
+from common import PeakMemory, device_name, print_table, record, save_model, timed
 from magicme.face import FaceConfig, face_vcd
 from magicme.generate import GenerateConfig, generate
 from magicme.identity import IdentityInfo, save_identity
-from magicme.models import ModelSpec, load_pipeline, tiny_components
+from magicme.models import ModelSpec, load_pipeline
 from magicme.speed import SpeedOptions
 from magicme.upscale import UpscaleConfig, tiled_vcd
 
 
-def save_model(folder: Path, scale: str) -> tuple[Path, Path, int]:
-    """Save a random model as a diffusers folder (+ motion_adapter/, controlnet/); return paths and text width."""
-    parts = sd15_size_components() if scale == "full" else tiny_components(MID)
-    adapter = parts.pop("motion_adapter")
-    controlnet = ControlNetModel.from_unet(parts["unet"])
-    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
-    adapter.save_pretrained(folder / "motion_adapter")
-    controlnet.save_pretrained(folder / "controlnet")
-    return folder, folder / "controlnet", parts["text_encoder"].config.hidden_size
+def measure_chain(scale: str, frames: int, size: int, steps: int, device: torch.device,
+                  speed: SpeedOptions = SpeedOptions(), on_row=None) -> tuple[list[dict], float]:
+    """Rows (stage, seconds, s/frame) of one finished video, and the peak memory (GiB); `on_row(row)` as each is taken."""
+    rows = []
+
+    def add(stage: str, seconds: float, per_frame: bool = True) -> None:
+        rows.append({"stage": stage, "seconds": round(seconds, 2), "s_per_frame": round(seconds / frames, 3) if per_frame else None})
+        if on_row:
+            on_row(rows[-1])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base, controlnet, width = save_model(tmp / "model", scale, device)
+        identity = save_identity(tmp / "id.safetensors", torch.randn(4, width) * 0.01,
+                                 IdentityInfo(token="<v*>", class_word="person", num_vectors=4, hidden_size=width))
+        spec = ModelSpec(base=str(base), speed=speed)
+        prompt = "a <v*> person walking on the beach"
+        shared = dict(prompt=prompt, identities=[str(identity)], models=spec, steps=steps)
+        box = [(size // 3, size // 4, size // 3, size // 3)]  # x, y, w, h: one face in every frame
+
+        with PeakMemory(device) as mem:
+            loaded = {}
+            add("load models (once)", timed(lambda: loaded.update(pipe=load_pipeline(spec, device=device)), device), per_frame=False)
+            pipe = loaded["pipe"]
+            pipe.set_progress_bar_config(disable=True)
+            t_gen = timed(lambda: generate(GenerateConfig(prompts=[prompt], frames=frames, height=size, width=size, steps=steps,
+                                                          identities=[str(identity)], models=spec), tmp / "t2v.mp4", pipe=pipe, quiet=True), device)
+            add(f"T2V VCD {frames}×{size}²", t_gen)
+            t_face = timed(lambda: face_vcd(FaceConfig(**shared, face_size=size), tmp / "t2v.mp4", tmp / "face.mp4",
+                                            pipe=pipe, detector=lambda frame: box, quiet=True), device)
+            add(f"Face VCD (80 %), face at {size}²", t_face)
+            t_up = timed(lambda: tiled_vcd(UpscaleConfig(**shared, scale=2, tile=size, controlnet=str(controlnet)),
+                                           tmp / "face.mp4", tmp / "up.mp4", pipe=pipe, quiet=True), device)
+            add(f"Tiled VCD ×2 → {2 * size}² (20 %), tiles of {size}", t_up)
+            add(f"finished {2 * size}² video (without load)", t_gen + t_face + t_up)
+    return rows, mem.peak_gib
 
 
 def main() -> None:
@@ -47,38 +73,10 @@ def main() -> None:
     device = torch.device(args.device)
     scale = args.scale or ("full" if device.type == "cuda" else "mid")
     frames, size, steps = (16, 512, 25) if scale == "full" else (8, 128, 10)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        base, controlnet, width = save_model(tmp / "model", scale)
-        identity = save_identity(tmp / "id.safetensors", torch.randn(4, width) * 0.01,
-                                 IdentityInfo(token="<v*>", class_word="person", num_vectors=4, hidden_size=width))
-        spec = ModelSpec(base=str(base), speed=SpeedOptions(low_vram=args.low_vram))
-        prompt = "a <v*> person walking on the beach"
-        shared = dict(prompt=prompt, identities=[str(identity)], models=spec, steps=steps)
-        box = [(size // 3, size // 4, size // 3, size // 3)]  # x, y, w, h: one face in every frame
-
-        with PeakMemory(device) as mem:
-            loaded = {}
-            t_load = timed(lambda: loaded.update(pipe=load_pipeline(spec, device=device)), device)
-            pipe = loaded["pipe"]
-            pipe.set_progress_bar_config(disable=True)
-            t_gen = timed(lambda: generate(GenerateConfig(prompts=[prompt], frames=frames, height=size, width=size, steps=steps,
-                                                          identities=[str(identity)], models=spec), tmp / "t2v.mp4", pipe=pipe, quiet=True), device)
-            t_face = timed(lambda: face_vcd(FaceConfig(**shared, face_size=size), tmp / "t2v.mp4", tmp / "face.mp4",
-                                            pipe=pipe, detector=lambda frame: box, quiet=True), device)
-            t_up = timed(lambda: tiled_vcd(UpscaleConfig(**shared, scale=2, tile=size, controlnet=str(controlnet)),
-                                           tmp / "face.mp4", tmp / "up.mp4", pipe=pipe, quiet=True), device)
-    rows = [
-        {"stage": "load models (once)", "seconds": round(t_load, 2)},
-        {"stage": f"T2V VCD {frames}×{size}²", "seconds": round(t_gen, 2)},
-        {"stage": "Face VCD (80 %)", "seconds": round(t_face, 2)},
-        {"stage": f"Tiled VCD ×2 → {2 * size}² (20 %)", "seconds": round(t_up, 2)},
-        {"stage": "finished video (without load)", "seconds": round(t_gen + t_face + t_up, 2)},
-    ]
-    print(f"{scale} size on {device_name(device)}{' --low-vram' if args.low_vram else ''}; peak memory {mem.peak_gib:.2f} GiB")
+    rows, peak = measure_chain(scale, frames, size, steps, device, SpeedOptions(low_vram=args.low_vram))
+    print(f"{scale} size on {device_name(device)}{' --low-vram' if args.low_vram else ''}; peak memory {peak:.2f} GiB")
     print_table(rows)
-    record("chain", rows + [{"scale": scale, "low_vram": args.low_vram, "peak_GiB": round(mem.peak_gib, 3)}], device)
+    record("chain", rows, device, scale=scale, low_vram=args.low_vram, peak_GiB=round(peak, 3))
 
 
 if __name__ == "__main__":

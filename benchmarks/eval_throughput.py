@@ -23,45 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from magicme.evaluate import MetricModels, Scorer, save_tiny_metric_models  # noqa: E402
-from magicme.identity import IdentityInfo, save_identity  # noqa: E402
-from magicme.suite import read_rows  # noqa: E402
-
-
-def mid_size_metric_models(folder: Path) -> MetricModels:
-    """CLIP ViT-B/32 (vision 768 wide, 12 layers; text 512) and DINO ViT-S/16 (384 wide, 12 layers), random weights."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTImageProcessorPil, ViTModel
-
-    from magicme.tokenizer import tiny_clip_tokenizer
-
-    tok = tiny_clip_tokenizer()
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=8, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32),
-        projection_dim=512,
-    ))
-    dino = ViTModel(ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
-                              image_size=224, patch_size=16), add_pooling_layer=False)
-    clip.save_pretrained(folder / "clip")
-    tok.save_pretrained(folder / "clip")
-    CLIPImageProcessorPil().save_pretrained(folder / "clip")
-    dino.save_pretrained(folder / "dino")
-    ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(folder / "dino")
-    return MetricModels(clip=str(folder / "clip"), dino=str(folder / "dino"))
+from common import ROOT, metric_models, record
+from magicme.evaluate import MetricModels, Scorer, save_tiny_metric_models
+from magicme.identity import IdentityInfo, save_identity
+from magicme.suite import read_rows
 
 
 def time_scoring(models: MetricModels, frames: list[np.ndarray], batch_size: int, repeats: int = 2) -> float:
@@ -125,7 +95,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        mid = mid_size_metric_models(tmp / "mid")
+        mid = metric_models(tmp / "mid")
         one_by_one = time_scoring(mid, frames, batch_size=1)
         batched = time_scoring(mid, frames, batch_size=32)
         subjects = suite_project(tmp / "suite", args.videos)
@@ -141,8 +111,7 @@ def main() -> None:
         print(f"{f'suite s/video, {n} process(es), tiny preset':<44}{walls[n] / args.videos:>12.2f}")
     print(f"{'suite speed-up, 2 vs 1 processes':<44}{walls[1] / walls[2]:>11.2f}x")
 
-    record = {
-        "benchmark": "eval_throughput", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    row = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
         "scoring": {"models": "random CLIP ViT-B/32 + DINO ViT-S/16, 224 px", "frames": args.frames,
                     "frames_per_s_batch1": round(one_by_one, 2), "frames_per_s_batch32": round(batched, 2),
@@ -152,10 +121,7 @@ def main() -> None:
                   "threads_per_process": 1,
                   "note": "wall time includes each process's start-up and model loading"},
     }
-    out = ROOT / "benchmarks" / "results.json"
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(record)
-    out.write_text(json.dumps(history, indent=2) + "\n")
+    record("eval_throughput", [row], torch.device("cpu"))
 
 
 if __name__ == "__main__":

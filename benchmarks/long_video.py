@@ -16,35 +16,18 @@ machine stretches wall time, not CPU time); on CUDA, wall time.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import time
 from dataclasses import replace
 
 import torch
 from diffusers import AnimateDiffPipeline
 
-from common import MID, PeakMemory, print_table, record, timed
+from common import MID, PeakMemory, held_gib, print_table, record, timed
 from magicme.generate import generate_video
 from magicme.long_video import plan_windows
 from magicme.models import tiny_components
 
 PROMPT = "a dog running on the beach"
-
-
-def held_gib(device: torch.device) -> float:
-    """Memory held right now (after giving freed memory back), the baseline a call's peak is measured from."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return torch.cuda.memory_allocated(device) / 2**30
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages otherwise, hiding the next call's rise
-    except OSError:
-        pass
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
 
 
 def main() -> None:

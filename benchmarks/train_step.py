@@ -18,71 +18,52 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from magicme.demo import write_sample_identity  # noqa: E402
-from magicme.prepare import PrepareConfig, load_identity_set, prepare_identity_set  # noqa: E402
-from magicme.segment import SegmenterConfig  # noqa: E402
-from magicme.tokenizer import tiny_clip_tokenizer  # noqa: E402
-from magicme.train import IdTrainer, TrainConfig, TEMPLATES  # noqa: E402
+from common import record, sync, training_components
+from magicme.demo import write_sample_identity
+from magicme.prepare import PrepareConfig, load_identity_set, prepare_identity_set
+from magicme.segment import SegmenterConfig
+from magicme.train import IdTrainer, TrainConfig, TEMPLATES
 
 
 VARIANTS = ("ours (ID module)", "plain diffusers TI")
 
 
-def mid_size_components(resolution: int) -> dict:
-    """A random SD-shaped model between the tiny preset and SD-1.5 (about 1/8 of SD-1.5's UNet width)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def identity_set(folder: Path, resolution: int) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A prepared sample identity (4 drawn photos, GrabCut masks): its folder, images and masks."""
+    photos = write_sample_identity(folder / "photos", count=4, size=resolution * 3 // 2)
+    prepared = prepare_identity_set(
+        PrepareConfig(images=photos, class_word="toy", out=folder / "prep", resolution=resolution, segmenter=SegmenterConfig(method="grabcut"))
+    )
+    images, masks, _ = load_identity_set(prepared, resolution)
+    return prepared, images, masks
 
-    tok = tiny_clip_tokenizer()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(64, 128, 256),
-        layers_per_block=2,
-        sample_size=resolution // 8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=256,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=32,
-        layers_per_block=1,
-        sample_size=resolution,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )
-    )
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-        m.eval()
-    return dict(vae=vae, unet=unet, text_encoder=text, tokenizer=tok, noise_scheduler=sched)
+
+def id_training_seconds(scale: str, resolution: int, batch: int, steps: int, device: torch.device, folder: Path) -> list[float]:
+    """Seconds of each of `steps` ID-training steps (`IdTrainer.step`, mixed precision auto) on a random `scale` model."""
+    from magicme.train import autocast_dtype
+
+    prepared, images, masks = identity_set(folder, resolution)
+    parts = training_components(scale, resolution, device, autocast_dtype(device, "auto") or torch.float32)
+    trainer = IdTrainer(TrainConfig(data=prepared, batch_size=batch, resolution=resolution), parts, images, masks, "toy", device)
+    times = []
+    for k in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        trainer.step(k)  # returns the loss as a float: the step's own sync
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 class PlainTextualInversion:
@@ -128,11 +109,6 @@ class PlainTextualInversion:
         return float(loss.detach())
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -176,14 +152,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
-        photos = write_sample_identity(Path(tmp) / "photos", count=4, size=args.resolution * 3 // 2)
-        prepared = prepare_identity_set(
-            PrepareConfig(images=photos, class_word="toy", out=Path(tmp) / "prep", resolution=args.resolution, segmenter=SegmenterConfig(method="grabcut"))
-        )
-        images, masks, _ = load_identity_set(prepared, args.resolution)
-        base = mid_size_components(args.resolution)
-        for m in ("vae", "unet", "text_encoder"):
-            base[m].to(device)
+        prepared, images, masks = identity_set(Path(tmp), args.resolution)
+        base = training_components("mid", args.resolution, device)
         cfg = TrainConfig(data=prepared, batch_size=args.batch_size, resolution=args.resolution, mixed_precision="no")
 
         def ours():
@@ -224,26 +194,19 @@ def main() -> None:
     for k in times:
         print(f"{k:<22}{med[k]:>15.3f}{best[k]:>12.3f}{memory[k]:>10.0f}")
     print(f"ratio ours / plain: {ratio:.3f} on medians, {ratio_min:.3f} on minima (target <= 1.05)")
-    record = {
-        "benchmark": "train_step",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+    row = {
         "unet_params_m": round(n_params, 2),
         "batch_size": args.batch_size,
         "resolution": args.resolution,
         "steps": args.steps,
+        "threads": torch.get_num_threads(),
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "min_s": {k: round(v, 4) for k, v in best.items()},
+        "ratio": round(ratio, 3),
         "ratio_min": round(ratio_min, 3),
         "peak_mb": {k: round(v, 1) for k, v in memory.items()},
-        "ratio": round(ratio, 3),
     }
-    path = Path(__file__).with_name("results.json")
-    results = json.loads(path.read_text()) if path.exists() else []
-    results.append(record)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    record("train_step", [row], device)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from diffusers import AnimateDiffPipeline, AnimateDiffVideoToVideoPipeline
+from diffusers import AnimateDiffVideoToVideoPipeline
 
-from common import MID, PeakMemory, print_table, record, timed
+from common import MID, PeakMemory, print_table, record, t2v_pipeline, timed
 from magicme.face import FaceConfig, face_vcd
-from magicme.models import tiny_components
 from magicme.upscale import UpscaleConfig, tiled_vcd, tiny_controlnet
 from magicme.video import write_video
 
@@ -41,8 +40,7 @@ RUNS = ("face_vcd", "stock_face_clip", "tiled_1", "tiled_batched")
 
 def build_runs(frames: int, device: torch.device, tmp: Path) -> dict:
     """The four workloads as closures over one mid-size pipeline."""
-    pipe = AnimateDiffPipeline(**tiny_components(MID)).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = t2v_pipeline("mid", device)
     face = MID.resolution  # 256: the model's native side
     tiny_controlnet(MID).save_pretrained(tmp / "controlnet")
     rng = np.random.default_rng(0)

@@ -105,6 +105,12 @@ def wan_rows(scale: str, device: torch.device, setting: WanSetting | None = None
     return rows
 
 
+def wan_t2v(ctx) -> None:
+    """gpu.py's Wan section: full size on a GPU, the tiny preset on a CPU (no mid-size Wan)."""
+    for row in wan_rows("full" if ctx.sizes.scale == "full" else "tiny", ctx.device):
+        ctx.add(row)
+
+
 def _row(scale, name, setting, seconds, peak_gib, device) -> dict:
     return {"scale": scale, "run": name, "frames": setting.frames, "size": f"{setting.width}x{setting.height}",
             "steps": setting.steps, "s_per_video": round(seconds, 2), "peak_gib": round(peak_gib, 2), "device": device_name(device)}

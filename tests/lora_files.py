@@ -53,6 +53,9 @@ def diffusers_layout(lora: dict) -> dict[str, torch.Tensor]:
 
 def merge(pipe, lora: dict, scale: float = 1.0) -> None:
     """W ← W + scale · alpha · up @ down for every layer of `lora`, in place (the reference)."""
+    from magicme.speed import unfuse_attention
+
+    unfuse_attention(pipe.unet)  # the separate q/k/v layers the LoRA names (bit-exact split of the fused ones)
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     with torch.no_grad():
         for (part, name), (down, up, alpha) in lora.items():

@@ -132,10 +132,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--freeu", nargs="?", const="sd15", default=None, metavar="B1,B2,S1,S2", help="FreeU; alone: SD-1.5's 1.5,1.6,0.9,0.2")
     g.add_argument("--clip-skip", type=int, default=0, metavar="N", help="skip the text encoder's last N layers (1 = A1111's 'Clip skip 2')")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp16, bf16 or fp32")
     g.add_argument("--low-vram", action="store_true", help="fit 16×512² in 8 GB: CPU offload, VAE slicing/tiling, chunked motion modules")
-    g.add_argument("--attention-slicing", action="store_true", help="attention in slices (less memory, a little slower)")
+    g.add_argument("--attention-slicing", action="store_true", help="diffusers' sliced attention in every spatial and motion layer (slower; SDPA is already memory-efficient)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call, cached after)")
+    g.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode (default: max-autotune-no-cudagraphs); max-autotune adds CUDA graphs (fixed sizes); also default, reduce-overhead")
+    g.add_argument("--compile-cache", default=None, metavar="DIR", help="keep torch.compile's cache here across runs (default: inductor's, in the temp folder)")
+    g.add_argument("--no-fuse-qkv", action="store_true", help="keep q/k/v projections separate (fused by default: one GEMM instead of three)")
+    g.add_argument("--decode-chunk", type=int, default=0, metavar="N", help="frames per VAE decode call (default: 0, as many as fit 4×512² pixels)")
+    g.add_argument("--fp8", action="store_true", help="float8 linear layers on GPUs of compute capability >= 8.9 (Ada, Hopper); best with --compile")
 
 
 def _model_spec(args):
@@ -148,7 +153,9 @@ def _model_spec(args):
     return ModelSpec(
         base=args.base, motion_adapter=args.motion_adapter, base_config=args.base_config,
         scheduler=args.scheduler or "ddim", preset=preset, backbone=getattr(args, "backbone", "auto"),
-        speed=SpeedOptions(dtype=args.dtype, low_vram=args.low_vram, attention_slicing=args.attention_slicing, compile=args.compile),
+        speed=SpeedOptions(dtype=args.dtype, low_vram=args.low_vram, attention_slicing=args.attention_slicing, compile=args.compile,
+                           compile_mode=args.compile_mode, compile_cache=args.compile_cache, fuse_qkv=not args.no_fuse_qkv,
+                           decode_chunk=args.decode_chunk, fp8=args.fp8),
         loras=tuple(args.lora or ()), motion_loras=tuple(args.motion_lora or ()), freeu=_freeu(args.freeu),
         clip_skip=args.clip_skip,
     )

@@ -117,19 +117,23 @@ def windowed(pipe, plan: WindowPlan | None):
     if plan is None:
         yield pipe
         return
-    # our latents span every frame, so FreeNoise returns them unchanged instead of drawing shuffled noise
-    pipe.enable_free_noise(
-        context_length=plan.length, context_stride=plan.stride, weighting_scheme=plan.weighting, noise_type="random"
-    )
-    # spatial layers see one window of frames at a time; the motion modules see (rows × all frames) per
-    # chunk, so rows shrink as the clip grows: diffusers' default 256 rows at 16 frames, at any length
-    rows = max(1, SPLIT_BUDGET // plan.padded_frames)
-    pipe.enable_free_noise_split_inference(spatial_split_size=rows, temporal_split_size=plan.length)
-    try:
-        yield pipe
-    finally:
-        _unwrap_split_inference(pipe)
-        pipe.disable_free_noise()
+    from .speed import plain_motion_modules
+
+    # FreeNoise copies each motion block by its state dict: our fused/FP8 layers step aside meanwhile
+    with plain_motion_modules(pipe.unet):
+        # our latents span every frame, so FreeNoise returns them unchanged instead of drawing shuffled noise
+        pipe.enable_free_noise(
+            context_length=plan.length, context_stride=plan.stride, weighting_scheme=plan.weighting, noise_type="random"
+        )
+        # spatial layers see one window of frames at a time; the motion modules see (rows × all frames) per
+        # chunk, so rows shrink as the clip grows: diffusers' default 256 rows at 16 frames, at any length
+        rows = max(1, SPLIT_BUDGET // plan.padded_frames)
+        pipe.enable_free_noise_split_inference(spatial_split_size=rows, temporal_split_size=plan.length)
+        try:
+            yield pipe
+        finally:
+            _unwrap_split_inference(pipe)
+            pipe.disable_free_noise()
 
 
 def _unwrap_split_inference(pipe) -> None:

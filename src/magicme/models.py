@@ -404,6 +404,7 @@ class ModelSpec:
         if self.resolved_backbone() == "wan":
             from .wan import check_wan_spec
 
+            self.speed.check_wan()
             return check_wan_spec(self)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")

@@ -358,7 +358,8 @@ def stage_record(task: str, cfg, video: str | Path, shape: tuple, *, pipe=None, 
     """The run record of a V2V stage: its settings, input (with its content hash), models and identities,
     the dtype/device `pipe` ran in (none when nothing was denoised), and the config `--from-record` rebuilds."""
     spec = cfg.models
-    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset}
+    models = {"base": fingerprint(spec.base), "scheduler": spec.scheduler_name(), "preset": spec.preset,
+              "speed": asdict(spec.speed)}  # --fp8 changes the result
     if is_wan_spec(spec):  # Wan keeps its model's flow-matching scheduler and has no motion adapter
         models = {"backbone": "wan", "base": spec.base_fingerprint()}
         if pipe is not None:
