@@ -345,8 +345,8 @@ def cmd_face(args) -> None:
     from .face import FaceConfig, face_vcd
 
     cfg = _v2v_config(args, FaceConfig(
-        **_v2v_settings(args), detector=args.detector, face_size=args.face_size, margin=args.margin,
-        feather=args.feather, smooth=args.smooth,
+        **_v2v_settings(args), detector=args.detector, min_face=args.min_face, min_track=args.min_track,
+        min_score=args.min_score, face_size=args.face_size, margin=args.margin, feather=args.feather, smooth=args.smooth,
     ))
     print(face_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
     _warn_tiny(args, cfg.models.base)
@@ -465,7 +465,10 @@ def _add_metric_args(p: argparse.ArgumentParser, from_file: bool = False) -> Non
     g.add_argument("--dino-model", default=None if from_file else "facebook/dino-vits16",
                    help=f"ViT or DINOv2 for the DINO metric, e.g. facebook/dinov2-small, or 'tiny' (default facebook/dino-vits16{where})")
     g.add_argument("--batch-size", type=integer, default=None if from_file else 32, help=f"frames per forward pass (default 32{where})")
-    g.add_argument("--face-model", default=None, help="face identity similarity: SFace .onnx (cv2.FaceRecognizerSF); needs --face-detector")
+    g.add_argument("--face-score", choices=("auto", "on", "off"), default=None if from_file else "auto",
+                   help="face identity (dlib 128-D descriptor): auto = for people when the [faces] extra is installed "
+                        f"(default auto{where})")
+    g.add_argument("--face-model", default=None, help="face identity with OpenCV instead: SFace .onnx (cv2.FaceRecognizerSF); needs --face-detector")
     g.add_argument("--face-detector", default=None, help="YuNet .onnx (cv2.FaceDetectorYN) that finds the face for --face-model")
 
 
@@ -474,9 +477,10 @@ def cmd_evaluate(args) -> None:
 
     from .evaluate import evaluate_video, face_embedder
 
-    face = face_embedder(args.face_model, args.face_detector)
+    face = face_embedder(args.face_model, args.face_detector) if args.face_score != "off" else None
     row = evaluate_video(args.video, args.references, args.prompt, token=args.token, class_word=args.class_word or "",
-                         identity=args.identity, models=_metric_models(args), device=args.device, face=face)
+                         identity=args.identity, models=_metric_models(args), device=args.device, face=face,
+                         face_score=args.face_score)
     print(json.dumps(row, indent=2))
     if "tiny" in (args.clip_model, args.dino_model):
         _warn(args, "'tiny' metric models have random weights: the scores mean nothing")
@@ -490,7 +494,7 @@ def cmd_evaluate_suite(args) -> None:
         height=args.height, width=args.width, base=args.base, motion_adapter=args.motion_adapter,
         base_config=args.base_config, scheduler=args.scheduler, clip_model=args.clip_model, dino_model=args.dino_model,
         batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
-        video_format=args.video_format, dtype=args.dtype,
+        face_score=args.face_score, video_format=args.video_format, dtype=args.dtype,
     ))
     runs = []
     for name, cfg in suites.items():  # one configuration per `backbones:` entry, each in its own results file
@@ -598,7 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("face", help="re-render the faces of a clip at full resolution with the identity (Face VCD)")
     _add_v2v_args(p, strength=0.8, out="magicme-face.mp4")
-    p.add_argument("--detector", default=None, help="OpenCV YuNet face_detection_yunet .onnx file (default: OpenCV's Haar cascade)")
+    p.add_argument("--detector", default="hog", metavar="hog|cnn|haar|FILE.onnx",
+                   help="face detector: dlib's HOG (default) or MMOD CNN (small and turned faces; slow on a CPU), "
+                        "OpenCV's Haar cascade, or an OpenCV YuNet .onnx file")
+    p.add_argument("--min-face", type=finite_float, default=24, help="smallest face looked for, in pixels (frames are upscaled for it)")
+    p.add_argument("--min-track", type=integer, default=3, help="frames a face must be seen in before it is re-rendered")
+    p.add_argument("--min-score", type=finite_float, default=None, help="mean detector confidence a face track needs (default: the detector's)")
     p.add_argument("--face-size", type=integer, default=None, help="side the face clip is denoised at (default: the model's, 512)")
     p.add_argument("--margin", type=finite_float, default=0.3, help="crop side = face side × (1 + 2·margin)")
     p.add_argument("--feather", type=finite_float, default=0.15, help="feathered paste edge, fraction of the crop side")

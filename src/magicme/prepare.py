@@ -7,6 +7,9 @@
     manifest.json           class word, resolution, and per image: source, crop box, how its mask was made
     contact_sheet.png       image | mask overlay, one row per image, for a person to check the masks
 
+For people (a class word such as 'woman') the faces are checked first (`check_faces`): a photo with no
+face or several is named, and so is one whose face is far from the others' (someone else in the set).
+
 `augment` is the training-time augmentation (Custom Diffusion's recipe, used by the reference code):
 image and mask are rescaled, flipped and rotated together, and the prompt says how far the subject is.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .outputs import atomic_folder, check_output
+from .faces import is_person
 from .segment import Segmentation, Segmenter, SegmenterConfig, read_user_mask
 from .video import open_image
 
@@ -183,6 +187,39 @@ def _user_mask_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def check_faces(refs: list[tuple[Path, object]]) -> list[dict] | None:
+    """The faces in photos of one person: per photo its faces, the largest one, and that face's median dlib
+    distance to the other photos' faces (the same person is below 0.6).
+
+    Warns, one line per photo, of no face, of several faces (the largest is the subject), and of a face
+    farther than 0.6 from the others (a photo of someone else?). None, with one line saying what is
+    missing, without the `[faces]` extra.
+    """
+    from .faces import SAME_PERSON_DISTANCE, FaceFinder, distance_to_others, largest, missing_packages
+
+    missing = missing_packages()
+    if missing:
+        log.warning("face check skipped: %s", missing)
+        return None
+    finder = FaceFinder("hog", max_side=2048, descriptors=True)
+    out = []
+    for path, img in refs:
+        rgb = np.asarray(img)
+        found = finder(rgb)
+        face = largest(found)
+        if not found:
+            log.warning("--images: no face found in %r", str(path))
+        elif len(found) > 1:
+            log.warning("--images: %d faces in %r; the largest is taken as the subject", len(found), str(path))
+        out.append({"faces": found, "face": face, "descriptor": finder.descriptor(rgb, face) if face else None})
+    for (path, _), item, d in zip(refs, out, distance_to_others([o["descriptor"] for o in out])):
+        item["distance"] = d
+        if d is not None and d > SAME_PERSON_DISTANCE:
+            log.warning("--images: the face in %r is %.2f from the other photos' faces (the same person is below %.1f): "
+                        "a photo of someone else?", str(path), d, SAME_PERSON_DISTANCE)
+    return out
+
+
 def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None, *, quiet: bool = False) -> Path:
     """Write the prepared identity set (see the module docstring) atomically into `cfg.out`; return it."""
     from PIL import Image
@@ -192,6 +229,7 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
     cfg.check()
     refs = load_reference_images(cfg.images, load_side(cfg.resolution))
     class_word = cfg.class_word.strip()
+    faces = check_faces(refs) if is_person(class_word) else None
     user_masks = None
     if cfg.masks is not None:
         user_masks = _user_mask_files(Path(cfg.masks))
@@ -207,9 +245,9 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
         segmenter = segmenter or Segmenter(cfg.segmenter)
         segs = []
         with progress_bar(len(refs), "prepare: subject masks", quiet=quiet, unit="photo") as bar:
-            for path, img in refs:
+            for i, (path, img) in enumerate(refs):
                 bar.set_postfix_str(path.name)
-                segs.append(segmenter(img, class_word))
+                segs.append(segmenter(img, class_word, faces=faces[i]["faces"] if faces else None))
                 bar.update(1)
         status = segmenter.status
 
@@ -241,6 +279,10 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
                     "note": seg.note,
                 }
             )
+            if faces:
+                face = faces[i]["face"]
+                items[-1].update(faces=len(faces[i]["faces"]), face_box=[round(v, 1) for v in face.box] if face else None,
+                                 face_distance=None if faces[i]["distance"] is None else round(faces[i]["distance"], 3))
         contact_sheet(prepared, prepared_masks).save(tmp / "contact_sheet.png")
         manifest = {
             "format": MANIFEST_FORMAT,

@@ -212,13 +212,17 @@ PATH_FIELDS = ("data", "images", "identities", "detector", "upscaler", "controln
                "models.base", "models.motion_adapter", "models.base_config")
 
 
+NAMED_SETTINGS = {"tiny", "hog", "cnn", "haar"}
+
+
 def absolute_paths(cfg: Any) -> Any:
     """A copy of a stage config with its local file/folder fields made absolute, so a record works from any folder."""
 
     def resolve(value):
         if isinstance(value, list):
             return [resolve(v) for v in value]
-        local = isinstance(value, (str, Path)) and value != "tiny" and Path(value).exists()  # 'tiny' is the preset
+        # names that are settings, not files ('tiny' preset, face detectors), stay names even if such a file exists
+        local = isinstance(value, (str, Path)) and str(value) not in NAMED_SETTINGS and Path(value).exists()
         return str(Path(value).resolve()) if local else value
 
     for path in PATH_FIELDS:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .checks import safe_name
-from .evaluate import MetricModels, load_reference_images
+from .evaluate import FACE_SCORES, MetricModels, face_score_config, load_reference_images
+from .faces import missing_packages
 from .identity import IdentityInfo, check_prompt_tokens, read_identity_info
 from .models import ModelSpec, fingerprint
 from .outputs import write_text
@@ -73,6 +74,7 @@ class SuiteConfig:
     width: int | None = None
     models: ModelSpec = field(default_factory=ModelSpec)
     metrics: MetricModels = field(default_factory=MetricModels)
+    face_score: str = "auto"  # face identity: auto = dlib's descriptor for people, when installed; on; off
     face_model: str | None = None  # SFace .onnx (cv2.FaceRecognizerSF)
     face_detector: str | None = None  # YuNet .onnx (cv2.FaceDetectorYN)
     video_format: str = "mp4"
@@ -97,6 +99,10 @@ class SuiteConfig:
             raise ValueError(f"video_format must be one of {', '.join(VIDEO_FORMATS)}, got {self.video_format!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seed values must be distinct, got {self.seeds}")
+        if self.face_score not in FACE_SCORES:
+            raise ValueError(f"--face-score must be one of {', '.join(FACE_SCORES)}, got {self.face_score!r}")
+        if self.face_score == "on" and self.face_model is None and missing_packages():
+            raise ValueError(f"--face-score on needs dlib's face models: {missing_packages()}")
         if (self.face_model is None) != (self.face_detector is None):
             raise ValueError("--face-model and --face-detector go together (SFace recogniser + YuNet detector .onnx)")
         for arg, path in (("--face-model", self.face_model), ("--face-detector", self.face_detector)):
@@ -151,10 +157,10 @@ class SuiteConfig:
                 gen["dtype"] = str(wan_dtype(spec, device)).removeprefix("torch.")
         elif spec.base != "tiny":
             models["motion_adapter"] = fingerprint(spec.adapter_name())
-        for key in ("face_model", "face_detector"):
-            if gen[key]:
-                gen[key] = fingerprint(gen[key])
-        metrics = {"clip": fingerprint(self.metrics.clip), "dino": fingerprint(self.metrics.dino)}
+        for key in ("face_score", "face_model", "face_detector"):
+            del gen[key]
+        metrics = {"clip": fingerprint(self.metrics.clip), "dino": fingerprint(self.metrics.dino),
+                   **face_score_config(self.face_score, self.face_model, self.face_detector)}
         return json.loads(json.dumps({**gen, "models": models, "metrics": metrics}, default=str))
 
 
@@ -569,7 +575,8 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
 
     from tqdm import tqdm
 
-    from .evaluate import Scorer, face_embedder
+    from .evaluate import Scorer, resolve_face_score
+    from .faces import is_person
     from .generate import generate_video, run_record
     from .models import load_pipeline
     from .video import read_video, write_video
@@ -591,8 +598,9 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
     if mine:
         pipe = load_pipeline(cfg.models, device=dev)
         pipe.set_progress_bar_config(disable=True)
-        face = face_embedder(cfg.face_model, cfg.face_detector)
-        scorer = Scorer(cfg.metrics, device=dev, face=face)
+        people = any(is_person(s.class_word or (s.info().class_word if s.identity else "")) for s in cfg.subjects)
+        face, people_only = resolve_face_score(cfg.face_score, cfg.face_model, cfg.face_detector, people=people)
+        scorer = Scorer(cfg.metrics, device=dev, face=face, face_people_only=people_only)
         loaded: dict[str, Path] = {}
         wan = cfg.models.resolved_backbone() == "wan"
         if wan:
