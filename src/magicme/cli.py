@@ -722,26 +722,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _library_bars_off():
-    """--quiet: no 'Loading weights' / 'Loading pipeline components' / download bars from the libraries either."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()  # and huggingface_hub's
-    try:
-        yield
-    finally:  # as they were (main() may run again in the same process)
-        if was[0]:
-            diffusers_logging.enable_progress_bar()
-        if was[1]:
-            transformers_logging.enable_progress_bar()
-        (disable_progress_bars if was[2] else enable_progress_bars)()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -758,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
             from .models import pick_device
 
             pick_device(args.device)
-        with _library_bars_off() if getattr(args, "quiet", False) else contextlib.nullcontext():
+        from .progress import library_bars_off
+
+        with library_bars_off() if getattr(args, "quiet", False) else contextlib.nullcontext():
             args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"magicme {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -485,9 +485,12 @@ def tiny_metric_components(seed: int = 0) -> dict:
 def save_tiny_metric_models(folder: str | Path, seed: int = 0) -> MetricModels:
     """The tiny metric models (`tiny_metric_components`) saved with save_pretrained: the by-path loading code on them."""
     folder = Path(folder)
+    from .progress import library_bars_off
+
     parts = tiny_metric_components(seed)
-    for name in ("clip", "clip_tokenizer", "clip_processor"):
-        parts[name].save_pretrained(folder / "clip")
-    for name in ("dino", "dino_processor"):
-        parts[name].save_pretrained(folder / "dino")
+    with library_bars_off():  # a "Writing model shards" bar for a tiny file is noise
+        for name in ("clip", "clip_tokenizer", "clip_processor"):
+            parts[name].save_pretrained(folder / "clip")
+        for name in ("dino", "dino_processor"):
+            parts[name].save_pretrained(folder / "dino")
     return MetricModels(clip=str(folder / "clip"), dino=str(folder / "dino"))

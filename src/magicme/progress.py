@@ -7,6 +7,7 @@ of diffusers' unlabelled per-call bars. Bars draw only on a terminal and never w
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable
 
@@ -36,3 +37,23 @@ def step_counter(bar, then: Callable | None = None) -> Callable:
 def denoising_steps(steps: int, strength: float = 1.0) -> int:
     """Steps one (partial) denoising call runs: int(steps × strength), as diffusers' `get_timesteps` cuts the schedule."""
     return min(int(steps * strength), steps)
+
+
+@contextlib.contextmanager
+def library_bars_off():
+    """No 'Loading weights' / 'Loading pipeline components' / download bars from the libraries either."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # and huggingface_hub's
+    try:
+        yield
+    finally:  # as they were (main() may run again in the same process)
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+        (disable_progress_bars if was[2] else enable_progress_bars)()
