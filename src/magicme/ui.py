@@ -52,6 +52,9 @@ TINY_WARNING = ("⚠ **Base model `tiny`: random weights, so every video is colo
                 "folder or a .safetensors file on the server).")
 WAN_NOTE = ("On Wan: 81 frames at 16 fps, 50 steps and guidance 5 unless you change them; one prompt per clip "
             "(no prompt travel, FreeNoise windows or FreeInit: Wan denoises the whole clip at once); sides multiples of 16.")
+FRAMES_LABEL = {False: "Frames (over 16: FreeNoise windows)", True: "Frames (Wan makes 1 + 4k and keeps these)"}
+GAMMA_LABEL = {False: "γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)",
+               True: "γ: noise-prior frame correlation (paper: 0.15; 0 = stock WanPipeline)"}
 STATUS_KEYS = ("model_status", "upload_status", "prepare_status", "mask_status", "train_status", "import_status", "gen_status",
                "video_status", "refine_status", "eval_status")
 # an output that stands for several components: what each handler key updates
@@ -294,10 +297,9 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                         c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", elem_id="negative_prompt")
                         c["identities"] = gr.Dropdown([], multiselect=True, label="Identities (the prompt must use their tokens)",
                                                       elem_id="identities")
-                        c["gamma"] = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, elem_id="gamma",
-                                               label="γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)")
+                        c["gamma"] = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, elem_id="gamma", label=GAMMA_LABEL[False])
                         with gr.Row():
-                            c["frames"] = gr.Number(d["frames"], label="Frames (over 16: FreeNoise windows)", precision=0, elem_id="frames")
+                            c["frames"] = gr.Number(d["frames"], label=FRAMES_LABEL[False], precision=0, elem_id="frames")
                             c["width"] = gr.Textbox("", label="Width", placeholder="the model's (512; tiny 64)", elem_id="width")
                             c["height"] = gr.Textbox("", label="Height", placeholder="the model's (512; tiny 64)", elem_id="height")
                         with gr.Row():
@@ -402,7 +404,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         c["base"].change(lambda base: gr.update(visible=is_tiny(base)), c["base"], c["tiny_warning"])
 
         # ---- the backbone: Wan hides the AnimateDiff-only fields and takes its own defaults where a field holds the other's
-        layout_keys = [*ANIMATEDIFF_FIELDS, "long_video", "form", "lora_rank", "wan_note", "frames", "fps", "lr", "steps",
+        layout_keys = [*ANIMATEDIFF_FIELDS, "long_video", "form", "lora_rank", "wan_note", "frames", "gamma", "fps", "lr", "steps",
                        "guidance", "width", "height"]
 
         def layout(backbone, base, frames, fps, lr, form):
@@ -414,7 +416,10 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                        guidance=gr.update(placeholder="Wan's 5" if wan else "the preset's (7.5 full)"))
             for side, wan_side in (("width", 832), ("height", 480)):
                 out[side] = gr.update(placeholder=f"the model's ({wan_side}; tiny 64)" if wan else "the model's (512; tiny 64)")
-            out.update(backbone_defaults("wan" if wan else "animatediff", frames, fps, lr, form if wan else "tokens"))
+            values = backbone_defaults("wan" if wan else "animatediff", frames, fps, lr, form if wan else "tokens")
+            out.update({k: gr.update(value=v) for k, v in values.items()})
+            out["frames"] = gr.update(label=FRAMES_LABEL[wan], **({"value": values["frames"]} if "frames" in values else {}))
+            out["gamma"] = gr.update(label=GAMMA_LABEL[wan])
             out.update({k: gr.update() for k in layout_keys if k not in out})
             return {c[k]: v for k, v in out.items()}
 
