@@ -437,8 +437,9 @@ def test_wan_train_tokens_and_lora_generate_and_refine_as_the_cli_does(ws, tmp_p
     words = len(pipe.tokenizer)
     idents = {}
     for form, lr in (("tokens", 1e-3), ("lora", 1e-4)):
-        page = last(run(h.on_train, "train_status", ws, WAN_MODEL, name, "<w*>", 1, lr, 2, True, 0, 0, form, 2))
+        page = last(run(h.on_train, "train_status", ws, WAN_MODEL, name, "<w*>", 1, lr, 2, True, 0, 1, form, 2))
         idents[form] = page["trained"]
+        assert [caption for _, caption in page["checkpoints"]] == ["step 1"]  # Wan's validation frames as the preview
         what = "Wan LoRA, trigger word <w*>" if form == "lora" else "token <w*>"
         assert page["train_status"] == f"Done: identity {idents[form]} ({what}). Use it in Generate."
         label = dict((n, label) for label, n in ws.identities())[idents[form]]
@@ -500,3 +501,32 @@ def test_backbone_defaults_follow_the_backbone_unless_typed(tmp_path):
     assert h.page_backbone("wan", "tiny") == "wan" and h.page_backbone("auto", "tiny") == "animatediff"
     (tmp_path / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
     assert h.page_backbone("auto", str(tmp_path)) == "wan" and h.page_backbone("animatediff", str(tmp_path)) == "animatediff"
+
+
+@pytest.mark.parametrize("model, fields, message", [
+    (("tiny", "", "", "euler"), {}, "Scheduler euler is an AnimateDiff scheduler; Wan uses its model's flow-matching scheduler"),
+    (("tiny", "", "", "ddim", "full", "", "", "on"), {}, "FreeU is for SD-1.5-family models (AnimateDiff); a Wan identity in LoRA form is given with Identity"),
+    (("tiny", "", "", "ddim", "full", "", "", "", 1), {}, "Clip skip is for SD-1.5-family models (AnimateDiff); a Wan identity in LoRA form is given with Identity"),
+    ((), {"prompt_travel": "4: a cat"}, "Prompt travel runs in AnimateDiff's FreeNoise windows; Wan takes one prompt per clip"),
+    ((), {"context_length": "8"}, "Window frames sets AnimateDiff's FreeNoise windows; Wan denoises the whole clip at once"),
+    ((), {"width": "40"}, "Width must be a multiple of 16 for Wan (VAE 8× × patch 2), got 40"),
+])
+def test_animatediff_only_fields_on_wan_are_one_message_before_any_work(ws, model, fields, message):
+    model = (*model, *WAN_MODEL[len(model):])
+    before = ws.videos()
+    outs = run(h.on_generate, "gen_status", ws, model, "a dog", "", [], 0.15, 5, **fields)
+    assert [o["gen_status"] for o in outs] == ["Starting…", f"Error: {message}"] and ws.videos() == before
+
+
+def test_a_wan_lora_identity_imports_past_the_token_size_limit(tmp_path):
+    from magicme.wan_identity import save_wan_lora
+    from magicme.workspace import UploadLimits
+
+    ws = Workspace(tmp_path / "w", limits=UploadLimits(max_identity_bytes=256))
+    lora = {"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 24), "blocks.0.attn1.to_q.lora_B.weight": torch.zeros(24, 2)}
+    path = save_wan_lora(tmp_path / "l.safetensors", lora, IdentityInfo("sks", "dog", 1, backbone="wan", form="lora", rank=2))
+    name = ws.import_identity(str(path))
+    assert dict((n, label) for label, n in ws.identities())[name].startswith("sks (dog · Wan LoRA)")
+    tokens = save_identity(tmp_path / "t.safetensors", torch.zeros(4, 32), IdentityInfo("<t*>", "dog", 4, backbone="wan"))
+    with pytest.raises(ValueError, match="too large for an identity file"):
+        ws.import_identity(str(tokens))

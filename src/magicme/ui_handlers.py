@@ -58,7 +58,8 @@ class Problem(str):
 
 def ui_terms(message: str) -> str:
     """A message from code shared with the CLI, in the form's words: '--prompt …' → 'Prompt …'."""
-    return _FLAG.sub(lambda m: FIELD_LABELS.get(m.group(), m.group()[2:].replace("-", " ").capitalize()), message)
+    text = _FLAG.sub(lambda m: FIELD_LABELS.get(m.group(), m.group()[2:].replace("-", " ").capitalize()), message)
+    return text.replace("Prompt travel (prompt travel)", "Prompt travel")  # the CLI's message explains its flag
 
 
 def problem(error: BaseException, ws: Workspace | None = None) -> Problem:
