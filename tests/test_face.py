@@ -4,18 +4,8 @@ import pytest
 import torch
 
 from magicme.cli import main
-from magicme.face import (
-    FaceConfig,
-    face_vcd,
-    feather_mask,
-    haar_detector,
-    iou,
-    restore_faces,
-    smooth_boxes,
-    square_crop,
-    track_faces,
-    yunet_detector,
-)
+from magicme.face import FaceConfig, face_vcd, feather_mask, restore_faces, smooth_boxes, square_crop
+from magicme.faces import FaceFinder, track_faces
 from magicme.identity import IdentityInfo, save_identity
 from magicme.models import ModelSpec
 from magicme.video import read_sidecar, read_video, write_video
@@ -76,14 +66,16 @@ def test_paste_lands_on_the_face_with_a_feathered_edge():
 def test_boxes_are_smoothed():
     rng = np.random.default_rng(0)
     t = np.arange(40)
-    true = np.stack([20 + t * 1.0, 30 + 0 * t, 24 + 0 * t, 24 + 0 * t], 1)
-    jitter = true + np.concatenate([rng.normal(0, 3, (40, 2)), rng.normal(0, 2, (40, 1)).repeat(2, 1)], 1)
+    true = np.stack([20 + t * 1.0, 30 + 0 * t, 44 + t * 1.0, 54 + 0 * t], 1)  # x0, y0, x1, y1: 24 px, moving right
+    shift = rng.normal(0, 3, (40, 2))
+    grow = rng.normal(0, 2, (40, 1))
+    jitter = true + np.concatenate([shift, shift], 1) + np.concatenate([0 * grow, 0 * grow, grow, grow], 1)
     smoothed = smooth_boxes(jitter, sigma=2.0)
     raw = smooth_boxes(jitter, sigma=0)
     assert np.abs(np.diff(smoothed, axis=0)).mean() < 0.4 * np.abs(np.diff(raw, axis=0)).mean()  # less jitter
     centre = np.stack([true[:, 0] + 12, true[:, 1] + 12], 1)
     assert np.abs(smoothed[5:-5, :2] - centre[5:-5]).mean() < np.abs(raw[5:-5, :2] - centre[5:-5]).mean()
-    still = np.tile([10.0, 10, 20, 30], (6, 1))
+    still = np.tile([10.0, 10, 30, 40], (6, 1))
     np.testing.assert_allclose(smooth_boxes(still, 3.0), np.tile([20.0, 25, 30], (6, 1)))  # a still face stays put
 
 
@@ -93,9 +85,10 @@ def test_tracking_links_faces_and_fills_short_gaps():
     dets = [[a(0), b], [b, a(1)], [], [a(3)], [a(4), b], [], [], [], [], [b]]
     tracks = track_faces(dets, max_gap=2)
     assert [t.frames for t in tracks] == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [9]]  # b: a gap of 4 > 2 starts anew
-    np.testing.assert_allclose(tracks[0].boxes[2], a(2))  # missed frames are interpolated
-    np.testing.assert_allclose(tracks[1].boxes[2:4], [b, b])
-    assert iou(b, b) == 1.0 and iou(a(0), b) == 0.0
+    corners = lambda x, y, w, h: (x, y, x + w, y + h)  # noqa: E731 - the detector's (x, y, w, h) → x0, y0, x1, y1
+    np.testing.assert_allclose(tracks[0].boxes[2], corners(*a(2)))  # missed frames are interpolated
+    np.testing.assert_allclose(tracks[1].boxes[2:4], [corners(*b), corners(*b)])
+    assert tracks[0].seen.tolist() == [True, True, False, True, True]
 
 
 def test_face_vcd_without_faces_returns_the_clip_unchanged(tmp_path, caplog):
@@ -125,21 +118,23 @@ def test_face_vcd_end_to_end_with_identity(tmp_path):
     assert result.shape == frames.shape and not np.array_equal(result, frames)
     rec = read_sidecar(out)
     assert rec["faces"] == 1 and rec["face_frames"] == [0, 1, 2, 3] and rec["strength"] == 0.8
+    assert rec["tracks"][0]["boxes"] == [[20.0, 28.0, 60.0, 68.0], [22.0, 28.0, 62.0, 68.0], None, [26.0, 28.0, 66.0, 68.0]]
     assert np.array_equal(result[0, :, 80:], frames[0, :, 80:])  # right of the face square (≈ x 10…74): untouched
 
 
 @pytest.mark.skipif(not HAAR, reason=f"OpenCV {cv2.__version__} has no Haar cascade (moved to contrib in 5.0)")
 def test_haar_detector_finds_a_drawn_face():
-    boxes = haar_detector()(draw_face(128, 64, 64, 32))
-    assert len(boxes) == 1
-    x, y, w, h = boxes[0]
-    assert abs(x + w / 2 - 64) < 8 and abs(y + h / 2 - 64) < 12
+    faces = FaceFinder("haar")(draw_face(128, 64, 64, 32))
+    assert len(faces) == 1
+    x0, y0, x1, y1 = faces[0].box
+    assert abs((x0 + x1) / 2 - 64) < 8 and abs((y0 + y1) / 2 - 64) < 12 and faces[0].score > 0
 
 
 @pytest.mark.parametrize(
     "change, needle",
     [(dict(strength=0), "--strength"), (dict(feather=0.9), "--feather"), (dict(detector="nope.onnx"), "--detector"),
-     (dict(face_size=100), "--face-size"), (dict(steps=1), "--steps")],
+     (dict(face_size=100), "--face-size"), (dict(steps=1), "--steps"), (dict(detector="dlib"), "--detector"),
+     (dict(min_track=0), "--min-track"), (dict(min_face=1), "--min-face")],
 )
 def test_bad_settings(tmp_path, change, needle):
     video = write_video(np.zeros((2, 32, 32, 3), np.uint8), tmp_path / "in.gif")
@@ -149,7 +144,7 @@ def test_bad_settings(tmp_path, change, needle):
 
 
 def test_face_cli_end_to_end(tmp_path, capsys):
-    """With OpenCV 4's Haar cascade: faces found and re-rendered; without it: a one-line error, nothing written."""
+    """With OpenCV 4's Haar cascade: a drawn face found and re-rendered; without it: a one-line error, nothing written."""
     frames = np.stack([draw_face(128, 60 + i, 64, 32) for i in range(3)])
     video = write_video(frames, tmp_path / "in")
     ident = save_identity(tmp_path / "id.safetensors", torch.randn(2, 32),
@@ -157,7 +152,7 @@ def test_face_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     before = set(tmp_path.iterdir())
     code = main(["face", "--video", str(video), "--identity", str(ident), "--prompt", "a <v*> person", "--steps", "4",
-                 "--out", str(out), "--quiet"])
+                 "--detector", "haar", "--out", str(out), "--quiet"])
     cap = capsys.readouterr()
     if not HAAR:
         assert code == 2 and "Haar" in cap.err and len(cap.err.strip().splitlines()) == 1
@@ -174,4 +169,4 @@ def test_face_cli_end_to_end(tmp_path, capsys):
 def test_unreadable_yunet_model_is_a_clear_error(tmp_path):
     (tmp_path / "face_detection_yunet.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(ValueError, match="--detector .* not a YuNet"):
-        yunet_detector(tmp_path / "face_detection_yunet.onnx")
+        FaceFinder(str(tmp_path / "face_detection_yunet.onnx"))

@@ -1,15 +1,58 @@
 """Command line: argument parsing only; each sub-command calls one stage function.
 
-Errors a user can cause (ValueError, FileNotFoundError, FileExistsError) print one line and exit 2.
+Errors a user can cause (ValueError, FileNotFoundError, FileExistsError, other OSErrors about a path,
+argument parse errors) print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
+
+from .checks import MAX_SEED  # standard library only: `--help` stays light
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit status 2; sub-commands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def finite_float(text: str) -> float:
+    """A number; nan and inf are refused (they give black videos, not errors, deep inside torch)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = integer(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, {MAX_SEED}], got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    value = integer(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port must be in [1, 65535], got {text}")
+    return value
 
 
 def _warn(args, message: str) -> None:
@@ -130,7 +173,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]", help="style/character LoRA (kohya/A1111 or diffusers .safetensors); repeat to mix")
     g.add_argument("--motion-lora", action="append", default=None, metavar="FILE[:SCALE]", help="AnimateDiff motion LoRA (v2_lora_ZoomIn.ckpt …); repeatable")
     g.add_argument("--freeu", nargs="?", const="sd15", default=None, metavar="B1,B2,S1,S2", help="FreeU; alone: SD-1.5's 1.5,1.6,0.9,0.2")
-    g.add_argument("--clip-skip", type=int, default=0, metavar="N", help="skip the text encoder's last N layers (1 = A1111's 'Clip skip 2')")
+    g.add_argument("--clip-skip", type=integer, default=0, metavar="N", help="skip the text encoder's last N layers (1 = A1111's 'Clip skip 2')")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp16, bf16 or fp32")
     g.add_argument("--low-vram", action="store_true", help="fit 16×512² in 8 GB: CPU offload, VAE slicing/tiling, chunked motion modules")
@@ -139,7 +182,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode (default: max-autotune-no-cudagraphs); max-autotune adds CUDA graphs (fixed sizes); also default, reduce-overhead")
     g.add_argument("--compile-cache", default=None, metavar="DIR", help="keep torch.compile's cache here across runs (default: inductor's, in the temp folder)")
     g.add_argument("--no-fuse-qkv", action="store_true", help="keep q/k/v projections separate (fused by default: one GEMM instead of three)")
-    g.add_argument("--decode-chunk", type=int, default=0, metavar="N", help="frames per VAE decode call (default: 0, as many as fit 4×512² pixels)")
+    g.add_argument("--decode-chunk", type=integer, default=0, metavar="N", help="frames per VAE decode call (default: 0, as many as fit 4×512² pixels)")
     g.add_argument("--fp8", action="store_true", help="float8 linear layers on GPUs of compute capability >= 8.9 (Ada, Hopper); best with --compile")
 
 
@@ -302,8 +345,8 @@ def cmd_face(args) -> None:
     from .face import FaceConfig, face_vcd
 
     cfg = _v2v_config(args, FaceConfig(
-        **_v2v_settings(args), detector=args.detector, face_size=args.face_size, margin=args.margin,
-        feather=args.feather, smooth=args.smooth,
+        **_v2v_settings(args), detector=args.detector, min_face=args.min_face, min_track=args.min_track,
+        min_score=args.min_score, face_size=args.face_size, margin=args.margin, feather=args.feather, smooth=args.smooth,
     ))
     print(face_vcd(cfg, args.video, args.out, quiet=args.quiet, device=args.device))
     _warn_tiny(args, cfg.models.base)
@@ -332,13 +375,13 @@ def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--identity", action="append", metavar="[TOKEN=]FILE", help="identity from 'magicme train', or another tool's embedding (.pt/.bin/.safetensors); repeat for several subjects")
     p.add_argument("--token", default=None, help="the word for the one --identity file that names none (the reference Magic-Me .pt)")
-    p.add_argument("--strength", type=float, default=strength, help=f"fraction of the schedule re-run, in (0, 1] (default {strength})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="steps of the full schedule; int(steps × strength) are run")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--context", type=int, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in overlapping, blended windows)")
+    p.add_argument("--strength", type=finite_float, default=strength, help=f"fraction of the schedule re-run, in (0, 1] (default {strength})")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--steps", type=integer, default=25, help="steps of the full schedule; int(steps × strength) are run")
+    p.add_argument("--guidance", type=finite_float, default=7.5)
+    p.add_argument("--gamma", type=finite_float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
+    p.add_argument("--fps", type=integer, default=8)
+    p.add_argument("--context", type=integer, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in overlapping, blended windows)")
     p.add_argument("--out", default=out, help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_from_record(p)
@@ -421,8 +464,11 @@ def _add_metric_args(p: argparse.ArgumentParser, from_file: bool = False) -> Non
                    help=f"CLIP for CLIP-I/CLIP-T: hub id, folder, or 'tiny' (random weights, offline) (default openai/clip-vit-base-patch32{where})")
     g.add_argument("--dino-model", default=None if from_file else "facebook/dino-vits16",
                    help=f"ViT or DINOv2 for the DINO metric, e.g. facebook/dinov2-small, or 'tiny' (default facebook/dino-vits16{where})")
-    g.add_argument("--batch-size", type=int, default=None if from_file else 32, help=f"frames per forward pass (default 32{where})")
-    g.add_argument("--face-model", default=None, help="face identity similarity: SFace .onnx (cv2.FaceRecognizerSF); needs --face-detector")
+    g.add_argument("--batch-size", type=integer, default=None if from_file else 32, help=f"frames per forward pass (default 32{where})")
+    g.add_argument("--face-score", choices=("auto", "on", "off"), default=None if from_file else "auto",
+                   help="face identity (dlib 128-D descriptor): auto = for people when the [faces] extra is installed "
+                        f"(default auto{where})")
+    g.add_argument("--face-model", default=None, help="face identity with OpenCV instead: SFace .onnx (cv2.FaceRecognizerSF); needs --face-detector")
     g.add_argument("--face-detector", default=None, help="YuNet .onnx (cv2.FaceDetectorYN) that finds the face for --face-model")
 
 
@@ -431,9 +477,10 @@ def cmd_evaluate(args) -> None:
 
     from .evaluate import evaluate_video, face_embedder
 
-    face = face_embedder(args.face_model, args.face_detector)
+    face = face_embedder(args.face_model, args.face_detector) if args.face_score != "off" else None
     row = evaluate_video(args.video, args.references, args.prompt, token=args.token, class_word=args.class_word or "",
-                         identity=args.identity, models=_metric_models(args), device=args.device, face=face)
+                         identity=args.identity, models=_metric_models(args), device=args.device, face=face,
+                         face_score=args.face_score)
     print(json.dumps(row, indent=2))
     if "tiny" in (args.clip_model, args.dino_model):
         _warn(args, "'tiny' metric models have random weights: the scores mean nothing")
@@ -447,7 +494,7 @@ def cmd_evaluate_suite(args) -> None:
         height=args.height, width=args.width, base=args.base, motion_adapter=args.motion_adapter,
         base_config=args.base_config, scheduler=args.scheduler, clip_model=args.clip_model, dino_model=args.dino_model,
         batch_size=args.batch_size, face_model=args.face_model, face_detector=args.face_detector,
-        video_format=args.video_format, dtype=args.dtype,
+        face_score=args.face_score, video_format=args.video_format, dtype=args.dtype,
     ))
     runs = []
     for name, cfg in suites.items():  # one configuration per `backbones:` entry, each in its own results file
@@ -479,7 +526,7 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magicme", description="Identity-specific video generation (Magic-Me / VCD).")
+    parser = OneLineParser(prog="magicme", description="Identity-specific video generation (Magic-Me / VCD).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('magicme').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -487,19 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt; repeat for several prompts (required unless --prompt-at 0:...)")
     p.add_argument("--prompt-at", action="append", metavar="FRAME:PROMPT", help="prompt from FRAME on, blended from the one before (prompt travel); repeat")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, action="append", help="seed; repeat for several seeds (default 0)")
-    p.add_argument("--frames", type=int, default=None, help="frames (default: 16; Wan: 81, and any count runs as the next 1 + 4k)")
-    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's: 25 full, 4 fast, 6 lcm)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's: 7.5 full, 1.0 fast, 1.5 lcm)")
-    p.add_argument("--gamma", type=float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
-    p.add_argument("--fps", type=int, default=None, help="default: 8; Wan: 16")
+    p.add_argument("--seed", type=seed, action="append", help="seed; repeat for several seeds (default 0)")
+    p.add_argument("--frames", type=integer, default=None, help="frames (default: 16; Wan: 81, and any count runs as the next 1 + 4k)")
+    p.add_argument("--height", type=integer, default=None, help="pixels, multiple of 8 (default: the model's, 512 for SD-1.5)")
+    p.add_argument("--width", type=integer, default=None)
+    p.add_argument("--steps", type=integer, default=None, help="denoising steps (default: the preset's: 25 full, 4 fast, 6 lcm)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the preset's: 7.5 full, 1.0 fast, 1.5 lcm)")
+    p.add_argument("--gamma", type=finite_float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
+    p.add_argument("--fps", type=integer, default=None, help="default: 8; Wan: 16")
     w = p.add_argument_group("long videos (FreeNoise windows; on by themselves past 16 frames)")
-    w.add_argument("--context-length", type=int, default=None, help="frames per window (default 16, the motion module's)")
-    w.add_argument("--context-stride", type=int, default=4, help="frames between window starts (default 4)")
+    w.add_argument("--context-length", type=integer, default=None, help="frames per window (default 16, the motion module's)")
+    w.add_argument("--context-stride", type=integer, default=4, help="frames between window starts (default 4)")
     w.add_argument("--window-weighting", default="pyramid", help="pyramid (default), flat or delayed_reverse_sawtooth")
-    p.add_argument("--free-init", type=int, default=None, metavar="N", help="FreeInit with N iterations (N× the time), to compare with the noise prior")
+    p.add_argument("--free-init", type=integer, default=None, metavar="N", help="FreeInit with N iterations (N× the time), to compare with the noise prior")
     p.add_argument("--identity", action="append", metavar="[TOKEN=]FILE", help="identity from 'magicme train', or another tool's embedding (.pt/.bin/.safetensors); repeat for several subjects")
     p.add_argument("--token", default=None, help="the word for the one --identity file that names none (the reference Magic-Me .pt)")
     p.add_argument("--out", default="magicme.mp4", help=".mp4, .gif, or a folder name for PNG frames")
@@ -513,11 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-word", required=True, help="what the subject is: dog, woman, teddy bear ...")
     p.add_argument("--out", default="prepared", help="output folder (default: prepared)")
     p.add_argument("--masks", default=None, help="folder of your own masks, one per image with the same stem (white = subject)")
-    p.add_argument("--resolution", type=int, default=512, help="side of the square images (default 512)")
+    p.add_argument("--resolution", type=integer, default=512, help="side of the square images (default 512)")
     p.add_argument("--segmenter", default="auto", help="auto (Grounding DINO + SAM, else GrabCut), grounded-sam, grabcut")
     p.add_argument("--detector", default="IDEA-Research/grounding-dino-tiny", help="Grounding DINO: hub id or folder")
     p.add_argument("--sam", default="facebook/sam-vit-base", help="SAM: hub id or folder")
-    p.add_argument("--box-threshold", type=float, default=0.25)
+    p.add_argument("--box-threshold", type=finite_float, default=0.25)
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
@@ -526,15 +573,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="folder written by 'magicme prepare' (required unless --from-record)")
     p.add_argument("--token", default="<v*>", help="the identity's word in prompts (default <v*>)")
     p.add_argument("--class-word", default=None, help="default: the prepared set's")
-    p.add_argument("--num-vectors", type=int, default=4)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=None, help="default: 0.001 (§5.2); a Wan LoRA: 0.0001")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--micro-batch", type=int, default=None, help="accumulate gradients over micro-batches of this size (default: whole batch, halved on out-of-memory)")
+    p.add_argument("--num-vectors", type=integer, default=4)
+    p.add_argument("--steps", type=integer, default=200)
+    p.add_argument("--lr", type=finite_float, default=None, help="default: 0.001 (§5.2); a Wan LoRA: 0.0001")
+    p.add_argument("--batch-size", type=integer, default=4)
+    p.add_argument("--micro-batch", type=integer, default=None, help="accumulate gradients over micro-batches of this size (default: whole batch, halved on out-of-memory)")
     p.add_argument("--no-mask", action="store_true", help="loss on the whole image (the paper's ablation)")
-    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the base model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints with validation frames (0: none)")
+    p.add_argument("--resolution", type=integer, default=None, help="training resolution (default: the base model's)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--checkpoint-every", type=integer, default=50, help="steps between checkpoints with validation frames (0: none)")
     p.add_argument("--mixed-precision", default="auto", help="auto, no, fp16, bf16")
     p.add_argument("--out", default="id.safetensors")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from a checkpoint folder (default: the latest beside --out)")
@@ -543,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]", help="train with this LoRA active (optional; the identity is then tuned to the LoRA'd model)")
     p.add_argument("--backbone", default="auto", choices=["auto", "animatediff", "wan"], help="auto (default): from --base's model_index.json; --base tiny --backbone wan is the tiny Wan preset")
     p.add_argument("--form", default="tokens", choices=["tokens", "lora"], help="Wan: tokens (extended ID tokens in UMT5, default) or lora (masked-loss LoRA on the transformer's attention)")
-    p.add_argument("--lora-rank", type=int, default=16, help="Wan --form lora: LoRA rank (alpha = rank)")
+    p.add_argument("--lora-rank", type=integer, default=16, help="Wan --form lora: LoRA rank (alpha = rank)")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_from_record(p)
@@ -555,22 +602,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("face", help="re-render the faces of a clip at full resolution with the identity (Face VCD)")
     _add_v2v_args(p, strength=0.8, out="magicme-face.mp4")
-    p.add_argument("--detector", default=None, help="OpenCV YuNet face_detection_yunet .onnx file (default: OpenCV's Haar cascade)")
-    p.add_argument("--face-size", type=int, default=None, help="side the face clip is denoised at (default: the model's, 512)")
-    p.add_argument("--margin", type=float, default=0.3, help="crop side = face side × (1 + 2·margin)")
-    p.add_argument("--feather", type=float, default=0.15, help="feathered paste edge, fraction of the crop side")
-    p.add_argument("--smooth", type=float, default=2.0, help="σ in frames of the face-box smoothing (0: none)")
+    p.add_argument("--detector", default="hog", metavar="hog|cnn|haar|FILE.onnx",
+                   help="face detector: dlib's HOG (default) or MMOD CNN (small and turned faces; slow on a CPU), "
+                        "OpenCV's Haar cascade, or an OpenCV YuNet .onnx file")
+    p.add_argument("--min-face", type=finite_float, default=24, help="smallest face looked for, in pixels (frames are upscaled for it)")
+    p.add_argument("--min-track", type=integer, default=3, help="frames a face must be seen in before it is re-rendered")
+    p.add_argument("--min-score", type=finite_float, default=None, help="mean detector confidence a face track needs (default: the detector's)")
+    p.add_argument("--face-size", type=integer, default=None, help="side the face clip is denoised at (default: the model's, 512)")
+    p.add_argument("--margin", type=finite_float, default=0.3, help="crop side = face side × (1 + 2·margin)")
+    p.add_argument("--feather", type=finite_float, default=0.15, help="feathered paste edge, fraction of the crop side")
+    p.add_argument("--smooth", type=finite_float, default=2.0, help="σ in frames of the face-box smoothing (0: none)")
     p.set_defaults(func=cmd_face)
 
     p = sub.add_parser("upscale", help="upscale a clip and restore detail tile by tile with the identity (Tiled VCD)")
     _add_v2v_args(p, strength=0.2, out="magicme-upscaled.mp4")
-    p.add_argument("--scale", type=int, default=2, help="2 or 4")
+    p.add_argument("--scale", type=integer, default=2, help="2 or 4")
     p.add_argument("--upscaler", default=None, help="ESRGAN/Real-ESRGAN RRDBNet .pth or .safetensors (default: Lanczos)")
-    p.add_argument("--tile", type=int, default=None, help="tile side in px, multiple of 8 (default: the model's, 512); the fewest tiles, widened by < --overlap to share it")
-    p.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: tile / 8)")
-    p.add_argument("--tile-batch", type=int, default=4, help="tiles denoised together (peak memory grows with it)")
+    p.add_argument("--tile", type=integer, default=None, help="tile side in px, multiple of 8 (default: the model's, 512); the fewest tiles, widened by < --overlap to share it")
+    p.add_argument("--overlap", type=integer, default=None, help="tile overlap in px (default: tile / 8)")
+    p.add_argument("--tile-batch", type=integer, default=4, help="tiles denoised together (peak memory grows with it)")
     p.add_argument("--controlnet", default=None, help="ControlNet Tile: hub id or folder (default: lllyasviel/control_v11f1e_sd15_tile); none: without")
-    p.add_argument("--controlnet-scale", type=float, default=1.0)
+    p.add_argument("--controlnet-scale", type=finite_float, default=1.0)
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("evaluate", help="score one video: CLIP-I, DINO, CLIP-T, temporal consistency (paper §5.2)")
@@ -588,13 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", required=True, help="subjects YAML (identity, references, class word, prompts per subject)")
     p.add_argument("--results", default="results.jsonl", help="JSONL, one row per video; an existing file is resumed")
     p.add_argument("--videos", default=None, help="folder for the generated clips (default: RESULTS.videos/)")
-    p.add_argument("--seed", type=int, action="append", help="repeat; overrides the file's seeds (paper: 0 1 2 3)")
-    p.add_argument("--gamma", type=float, default=None, help="noise prior γ; 0 = the 'w/o noise prior' ablation")
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=seed, action="append", help="repeat; overrides the file's seeds (paper: 0 1 2 3)")
+    p.add_argument("--gamma", type=finite_float, default=None, help="noise prior γ; 0 = the 'w/o noise prior' ablation")
+    p.add_argument("--frames", type=integer, default=None)
+    p.add_argument("--steps", type=integer, default=None)
+    p.add_argument("--guidance", type=finite_float, default=None)
+    p.add_argument("--height", type=integer, default=None)
+    p.add_argument("--width", type=integer, default=None)
     p.add_argument("--video-format", default=None, choices=["mp4", "gif"], help="clip format (default mp4)")
     p.add_argument("--quiet", action="store_true")
     _add_metric_args(p, from_file=True)
@@ -612,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", action="append", required=True, help="results JSONL; repeat to compare configurations")
     p.add_argument("--label", action="append", default=None, help="column name per --results (default: file name)")
     p.add_argument("--out", default="report", help="output folder")
-    p.add_argument("--max-videos", type=int, default=64, help="videos per contact sheet")
+    p.add_argument("--max-videos", type=integer, default=64, help="videos per contact sheet")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="the whole chain from one YAML/TOML config: prepare → train → generate → face → upscale → evaluate")
@@ -650,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="the whole workflow in a browser (Gradio web app)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: every interface, use --auth)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port, default=7860)
     p.add_argument("--work-dir", dest="workdir", default="magicme-ui", help="folder whose workspaces/ holds uploads, identities and videos (created)")
     p.add_argument("--workdir", dest="workdir", action=_Deprecated, new="--work-dir")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
@@ -692,22 +744,38 @@ def _library_bars_off():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or an argument error (one line, already printed)
+        return e.code if isinstance(e.code, int) else 2
     args.explicit = _explicit_dests(sys.argv[1:] if argv is None else argv) if getattr(args, "from_record", None) else set()
     # the libraries' notices (torchvision fallbacks, embedding resizes, dtype casts) are not the user's concern;
     # magicme's own warnings still print. Set in main, not at import, and only where the user chose no level.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
+        if getattr(args, "device", None) is not None:  # an absent GPU fails now, not after the work before it
+            from .models import pick_device
+
+            pick_device(args.device)
         with _library_bars_off() if getattr(args, "quiet", False) else contextlib.nullcontext():
             args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"magicme {args.command}: error: {e}", file=sys.stderr)
+        print(f"magicme {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, a full disk, a name too long: about a path the user named
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"magicme {args.command}: error: {e.strerror or _one_line(e)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"magicme {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (a library's multi-line message is joined, not cut)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def write_sample_identity(folder: str | Path, count: int = 4, size: int = 192) -
     return folder
 
 
-def write_demo_config(out_dir: Path) -> Path:
+def demo_config_text() -> str:
     """The `magicme run` config of the demo: the sample identity through every stage on the tiny preset."""
     import yaml
 
@@ -77,12 +77,38 @@ def write_demo_config(out_dir: Path) -> Path:
         "evaluate": {},
         "metric_models": {"clip": "tiny", "dino": "tiny"},  # random tiny CLIP/DINO, built offline: the real ones need the hub
     }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def write_demo_config(out_dir: Path) -> Path:
+    """Write the demo's run config (and the tiny metric models it names) into `out_dir`."""
+    from .evaluate import save_tiny_metric_models
+
+    if not (out_dir / "metric_models").is_dir():  # random tiny CLIP/DINO: the real ones need the hub
+        save_tiny_metric_models(out_dir / "metric_models")
     path = out_dir / "magicme-run.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(demo_config_text())
     return path
 
 
-def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False):
+def check_demo_dir(out_dir: Path) -> None:
+    """The demo writes into a new or empty folder, or one an earlier demo made (its run config says so)."""
+    from .outputs import check_writable
+
+    if not out_dir.exists():
+        if not out_dir.parent.is_dir():
+            raise FileNotFoundError(f"--work-dir {str(out_dir)!r}: folder {str(out_dir.parent)!r} does not exist")
+        return check_writable(out_dir.parent, "--work-dir", out_dir)
+    if not out_dir.is_dir():
+        raise FileExistsError(f"--work-dir {str(out_dir)!r} is a file; name a new folder")
+    config = out_dir / "magicme-run.yaml"
+    ours = config.is_file() and config.read_text(encoding="utf-8", errors="replace") == demo_config_text()
+    if any(out_dir.iterdir()) and not ours:
+        raise FileExistsError(f"--work-dir {str(out_dir)!r} is not empty and is not an earlier demo's folder; name a new folder")
+    check_writable(out_dir, "--work-dir", out_dir)
+
+
+def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False) :
     """The whole chain (prepare → train → generate → face → upscale → evaluate) on the tiny preset in `out_dir`.
 
     A rerun skips every stage that is up to date. Returns the chain's `run.ChainResult` (outputs, stage times).
@@ -90,7 +116,8 @@ def demo(out_dir: str | Path = "magicme-demo", quiet: bool = False):
     from .run import load_chain_config, run_chain
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_demo_dir(out_dir)
+    out_dir.mkdir(exist_ok=True)
     write_sample_identity(out_dir / "sample_identity")
     config = write_demo_config(out_dir)
     return run_chain(load_chain_config(config), quiet=quiet, log=(lambda m: None) if quiet else print)

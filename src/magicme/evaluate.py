@@ -7,8 +7,10 @@
 - CLIP-T: mean CLIP text–image similarity of each frame with its prompt, the identity token
   replaced by the class word (the metric models do not know the token).
 - Temporal consistency: mean CLIP and DINO similarity of consecutive frames.
-- Face similarity (optional, for people): mean cosine similarity of face embeddings of frames and
-  references, from a face-embedding model the user names.
+- Face identity (people): dlib's 128-D descriptor of the largest face in each frame against each
+  reference photo: mean cosine similarity, mean dlib distance (same person below 0.6) and the share of
+  frames with a face (`face_coverage`). On by default when the class word names a person and the
+  `[faces]` extra is installed; OpenCV's SFace can replace dlib.
 
 The math is small pure functions on embeddings; `Scorer` owns the models (loaded once, batched,
 no grad, on the GPU when there is one) and caches the reference embeddings of each folder.
@@ -16,6 +18,7 @@ no grad, on the GPU when there is one) and caches the reference embeddings of ea
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +27,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .faces import SAME_PERSON_DISTANCE, descriptor_distance, is_person, missing_packages
 from .identity import token_pattern
-from .video import IMAGE_SUFFIXES, to_uint8
+from .video import IMAGE_SUFFIXES, open_image, to_uint8
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # §5.2 CLIP-I / CLIP-T
 DEFAULT_DINO = "facebook/dino-vits16"  # §5.2 DINO (ViT-S/16)
 TINY = "tiny"  # the random-weight test models, built offline (tiny_metric_components)
 METRICS = ("dino", "clip_i", "clip_t", "temporal_dino", "temporal_clip")  # Table 1's rows, in its order
+FACE_SCORES = ("auto", "on", "off")  # --face-score: auto = for people (class word), when dlib is installed
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's input normalisation (facebookresearch/dino, eval_linear.py)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -162,16 +169,18 @@ def _load(cls, arg: str, name: str, **kwargs):
 
 
 def load_reference_images(folder: str | Path) -> list[np.ndarray]:
-    """The reference photos of a subject: every image file in `folder`, sorted, as (H, W, 3) uint8."""
-    from PIL import Image
+    """The reference photos of a subject: every image file in `folder`, sorted, as (H, W, 3) uint8.
 
+    A corrupt or bomb image is an error naming it (a score must not silently skip a reference); photos
+    larger than 4096 px are downscaled on load (the metric models see 224 px).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--references {str(folder)!r} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise ValueError(f"--references {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    return [np.asarray(open_image(p, "--references: image", max_side=4096).convert("RGB")) for p in files]
 
 
 def _folder_key(folder: Path) -> tuple:
@@ -189,12 +198,14 @@ class Scorer:
     """Loads CLIP and DINO once and scores videos; reference embeddings are computed once per folder."""
 
     def __init__(self, models: MetricModels = MetricModels(), device: str | torch.device | None = None,
-                 face: FaceEmbedder | None = None):
+                 face: FaceEmbedder | None = None, face_people_only: bool = False):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
         models.check()
         self.models = models
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .models import pick_device
+
+        self.device = pick_device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         tiny = tiny_metric_components() if TINY in (models.clip, models.dino) else {}
         if models.clip == TINY:
@@ -215,6 +226,7 @@ class Scorer:
         # DINOv2 interpolates its position embeddings and is evaluated at 224 like DINO
         self.dino_crop = 224 if self.dino.config.model_type == "dinov2" else int(self.dino.config.image_size)
         self.face = face
+        self.face_people_only = face_people_only  # score faces only for class words naming a person
         self._references: dict[tuple, dict[str, torch.Tensor | None]] = {}
 
     @torch.no_grad()
@@ -254,18 +266,23 @@ class Scorer:
             out.append(forward(px.to(self.device, dtype)).float().cpu())
         return torch.cat(out)
 
-    def reference_embeddings(self, folder: str | Path) -> dict[str, torch.Tensor | None]:
-        """CLIP, DINO (and face) embeddings of a reference folder, cached until its files change."""
+    def reference_embeddings(self, folder: str | Path, faces: bool = False) -> dict[str, torch.Tensor | None]:
+        """CLIP, DINO (and, with `faces`, face) embeddings of a reference folder, cached until its files change."""
         folder = Path(folder)
         images = load_reference_images(folder)
         key = _folder_key(folder)
         if key not in self._references:
-            self._references[key] = {
-                "clip": self.clip_images(images),
-                "dino": self.dino_images(images),
-                "face": face_embeddings(self.face, images) if self.face else None,
-            }
-        return self._references[key]
+            self._references[key] = {"clip": self.clip_images(images), "dino": self.dino_images(images), "face": None}
+        entry = self._references[key]
+        if faces and entry["face"] is None:
+            entry["face"] = face_embeddings(self.face, images)
+            if entry["face"].shape[0] < len(images):
+                log.warning("--references %s: no face found in %d of %d photos; the face score uses the others",
+                            folder, len(images) - entry["face"].shape[0], len(images))
+        return entry
+
+    def scores_faces(self, class_word: str) -> bool:
+        return self.face is not None and (not self.face_people_only or is_person(class_word))
 
     def score(self, frames, references: str | Path, prompt: str, *, token: str | None = None,
               class_word: str = "") -> dict[str, float | int | str | None]:
@@ -275,7 +292,7 @@ class Scorer:
         """
         arr = to_uint8(frames)
         text = scoring_prompt(prompt, token, class_word) if token and token_pattern(token).search(prompt) else prompt
-        ref = self.reference_embeddings(references)
+        ref = self.reference_embeddings(references, faces=self.scores_faces(class_word))
         clip = self.clip_images(list(arr))
         dino = self.dino_images(list(arr))
         row: dict[str, float | int | str | None] = {
@@ -288,8 +305,9 @@ class Scorer:
             "frames": int(len(arr)),
             "scored_prompt": text,
         }
-        if self.face is not None:
-            row["face"] = face_similarity(face_embeddings(self.face, list(arr)), ref["face"])
+        if self.scores_faces(class_word):
+            distance = getattr(self.face, "same_person_distance", None) is not None
+            row.update(face_scores(self.face, list(arr), ref["face"], distance=distance))
         return row
 
 
@@ -309,6 +327,62 @@ def face_similarity(frames: torch.Tensor, references: torch.Tensor | None) -> fl
     if references is None or frames.shape[0] == 0 or references.shape[0] == 0:
         return None
     return float(cosine_matrix(frames, references).mean())
+
+
+def face_scores(embedder: FaceEmbedder, frames: Sequence[np.ndarray], references: torch.Tensor,
+                distance: bool = False) -> dict[str, float | None]:
+    """The face-identity scores of a clip, over every (frame with a face, reference with a face) pair.
+
+    face: mean cosine similarity of the embeddings; face_distance (with `distance`, for dlib's
+    descriptor): mean Euclidean distance, the same person below 0.6; face_coverage: the share of frames
+    in which a face was found (a clip with a face in 1 of 6 frames scores its face on that one frame).
+    """
+    found = face_embeddings(embedder, frames)
+    row = {"face": face_similarity(found, references), "face_coverage": found.shape[0] / len(frames)}
+    if distance:
+        ok = found.shape[0] > 0 and references is not None and references.shape[0] > 0
+        row["face_distance"] = float(descriptor_distance(found.numpy(), references.numpy()).mean()) if ok else None
+    return row
+
+
+def resolve_face_score(mode: str, face_model: str | Path | None = None, face_detector: str | Path | None = None,
+                       *, people: bool) -> tuple[FaceEmbedder | None, bool]:
+    """The face model for `--face-score` and whether it scores people only: (embedder or None, people_only).
+
+    SFace (`--face-model`/`--face-detector`) scores every clip when given. Otherwise dlib's descriptor:
+    `auto` scores clips of people (when `people`, a class word names one) and, without the `[faces]`
+    extra, says once what is missing; `on` scores every clip and needs the extra; `off` scores none.
+    """
+    if mode not in FACE_SCORES:
+        raise ValueError(f"--face-score must be one of {', '.join(FACE_SCORES)}, got {mode!r}")
+    if mode == "off":
+        return None, False
+    if face_model is not None or face_detector is not None:
+        return face_embedder(face_model, face_detector), False
+    missing = missing_packages()
+    if missing:
+        if mode == "on":
+            raise ValueError(f"--face-score on needs dlib's face models: {missing}")
+        if people:
+            log.warning("face-identity score skipped: %s", missing)
+        return None, False
+    from .faces import FaceDescriptor
+
+    return FaceDescriptor(), mode == "auto"
+
+
+def face_score_config(mode: str, face_model: str | Path | None, face_detector: str | Path | None) -> dict:
+    """What the face score of a results file depends on: the mode and the model that would score."""
+    from .models import fingerprint
+
+    if mode == "off":
+        return {"face_score": "off"}
+    if face_model is not None:
+        return {"face_score": mode, "face_model": fingerprint(face_model), "face_detector": fingerprint(face_detector)}
+    from .faces import versions
+
+    return {"face_score": mode, "face_models": versions() if missing_packages() is None else None,
+            "same_person_distance": SAME_PERSON_DISTANCE}
 
 
 def face_embedder(model: str | Path | None, detector: str | Path | None) -> "SFaceEmbedder | None":
@@ -352,10 +426,11 @@ class SFaceEmbedder:
 def evaluate_video(video: str | Path, references: str | Path, prompt: str, *, token: str | None = None,
                    class_word: str = "", identity: str | Path | None = None, scorer: Scorer | None = None,
                    models: MetricModels = MetricModels(), device: str | None = None,
-                   face: FaceEmbedder | None = None) -> dict:
+                   face: FaceEmbedder | None = None, face_score: str = "auto") -> dict:
     """Score one video file or frame folder against a reference folder (`magicme evaluate`).
 
-    With `identity`, the token and class word come from the identity file unless given.
+    With `identity`, the token and class word come from the identity file unless given. `face` (an
+    embedder) scores faces in every clip; else `face_score` decides (see `resolve_face_score`).
     """
     from .identity import read_identity_info
     from .video import read_video
@@ -369,7 +444,10 @@ def evaluate_video(video: str | Path, references: str | Path, prompt: str, *, to
         raise ValueError(f"--class-word is needed: the prompt holds the token {token!r} and the metric models do not know it")
     load_reference_images(references)  # fail on a bad folder before loading any model
     frames = read_video(video)
-    scorer = scorer or Scorer(models, device=device, face=face)
+    people_only = False
+    if face is None and scorer is None:
+        face, people_only = resolve_face_score(face_score, people=is_person(class_word))
+    scorer = scorer or Scorer(models, device=device, face=face, face_people_only=people_only)
     return scorer.score(frames, references, prompt, token=token, class_word=class_word)
 
 

@@ -1,13 +1,13 @@
 """Face VCD (paper §4.3): re-render small, blurred faces at full model resolution with the identity.
 
-Faces are detected in every frame, linked into one track per face, and each track's box is smoothed
-over time so the crop does not jitter. A square around the face (with margin) is cut from every frame
-of the track, the crops form a face-centred clip that is upscaled to the model's size (512) by
-interpolation, partially denoised (80 %, §5.2) with the ID tokens and the noise prior, scaled back and
-pasted with a feathered mask. Frames without a face are left untouched.
-
-The detector is a parameter (a function frame → boxes): OpenCV's Haar cascade by default, OpenCV's
-YuNet when its .onnx model file is given, or anything else a caller passes in.
+Faces are detected in every frame (`faces.py`: dlib's HOG detector by default, with landmark boxes),
+linked into one track per face, and each track's box is smoothed over time so the crop does not jitter.
+A track is re-rendered only when the face was seen in at least `min_track` frames with a mean detector
+confidence of at least `min_score`: a false detection in one frame never changes the clip. A square
+around the face (with margin) is cut from every frame of the track, the crops form a face-centred clip
+that is upscaled to the model's size (512) by interpolation, partially denoised (80 %, §5.2) with the ID
+tokens and the noise prior, scaled back and pasted with a feathered mask. Frames without a face are
+left untouched.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
+from .checks import check_number
+from .faces import DETECTORS, MIN_TRACK_SCORE, Detector, FaceTrack, make_detector, missing_packages, track_faces, track_verdict
 from .models import ModelSpec, fingerprint
 from .progress import denoising_steps, progress_bar, step_counter
 from .v2v import (
@@ -30,129 +32,26 @@ from .v2v import (
     read_input_video,
     resize_frames,
     size_multiple,
+    stage_inputs,
     stage_record,
     video_pipeline,
 )
-from .video import check_output_path, write_sidecar, write_video
+from .video import check_clip_size, check_output_path, write_video
 
 log = logging.getLogger(__name__)
 
-Box = tuple[float, float, float, float]  # x, y, width, height in pixels
-Detector = Callable[[np.ndarray], list[Box]]  # frame (H, W, 3) uint8 RGB → face boxes
 
-# -- detectors ------------------------------------------------------------------------------------------
-
-
-def haar_detector(min_face: int = 20) -> Detector:
-    """OpenCV's bundled frontal-face Haar cascade (offline, no model file; OpenCV 4.x ships it)."""
-    import cv2
-
-    xml = Path(getattr(getattr(cv2, "data", None), "haarcascades", "")) / "haarcascade_frontalface_default.xml"
-    if not hasattr(cv2, "CascadeClassifier") or not xml.is_file():
-        raise ValueError(
-            f"OpenCV {cv2.__version__} has no bundled Haar face cascade (OpenCV 5 moved it to contrib): "
-            "install opencv-python-headless<5, or pass --detector with OpenCV's YuNet face_detection_yunet .onnx file"
-        )
-    cascade = cv2.CascadeClassifier(str(xml))
-
-    def detect(frame: np.ndarray) -> list[Box]:
-        gray = cv2.equalizeHist(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
-        found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
-        return [tuple(float(v) for v in box) for box in np.asarray(found).reshape(-1, 4)]
-
-    return detect
-
-
-def yunet_detector(model_path: str | Path, score_threshold: float = 0.7) -> Detector:
-    """OpenCV's YuNet CNN face detector (cv2.FaceDetectorYN) from its .onnx model file."""
-    import cv2
-
-    path = Path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--detector {str(path)!r} does not exist")
-    try:
-        net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold)
-    except cv2.error as e:
-        first = str(e).strip().splitlines()[-1]
-        raise ValueError(f"--detector {str(path)!r} is not a YuNet .onnx model OpenCV can read ({first})") from None
-
-    def detect(frame: np.ndarray) -> list[Box]:
-        h, w = frame.shape[:2]
-        net.setInputSize((w, h))
-        _, faces = net.detect(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        return [] if faces is None else [tuple(float(v) for v in f[:4]) for f in faces]
-
-    return detect
-
-
-def make_detector(model_path: str | Path | None) -> Detector:
-    """YuNet when its model file is given, else the Haar cascade."""
-    return haar_detector() if model_path is None else yunet_detector(model_path)
-
-
-# -- tracking and smoothing (pure functions) ----------------------------------------------------------
-
-
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two (x, y, w, h) boxes."""
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
-
-
-@dataclass
-class FaceTrack:
-    """One face across consecutive frames: `frames[i]` has box `boxes[i]` (x, y, w, h)."""
-
-    frames: list[int]
-    boxes: np.ndarray  # (T, 4)
-
-
-def track_faces(detections: Sequence[Sequence[Box]], min_iou: float = 0.2, max_gap: int = 3) -> list[FaceTrack]:
-    """Link per-frame detections into tracks, greedily by IoU with each track's last box.
-
-    A face missed for up to `max_gap` frames keeps its track, and the missed frames get boxes
-    interpolated linearly (detectors flicker; the face has not left). Tracks are sorted by first frame.
-    """
-    open_tracks: list[dict] = []
-    closed: list[dict] = []
-    for t, boxes in enumerate(detections):
-        for tr in [tr for tr in open_tracks if t - tr["frames"][-1] > max_gap + 1]:
-            open_tracks.remove(tr)
-            closed.append(tr)
-        pairs = sorted(
-            ((iou(tr["boxes"][-1], b), i, j) for i, tr in enumerate(open_tracks) for j, b in enumerate(boxes)),
-            reverse=True,
-        )
-        used_tracks, used_boxes = set(), set()
-        for score, i, j in pairs:
-            if score < min_iou or i in used_tracks or j in used_boxes:
-                continue
-            used_tracks.add(i)
-            used_boxes.add(j)
-            open_tracks[i]["frames"].append(t)
-            open_tracks[i]["boxes"].append(tuple(boxes[j]))
-        for j, b in enumerate(boxes):
-            if j not in used_boxes:
-                open_tracks.append({"frames": [t], "boxes": [tuple(b)]})
-    tracks = []
-    for tr in sorted(closed + open_tracks, key=lambda tr: tr["frames"][0]):
-        frames = np.arange(tr["frames"][0], tr["frames"][-1] + 1)
-        known = np.asarray(tr["boxes"], dtype=np.float64)
-        boxes = np.stack([np.interp(frames, tr["frames"], known[:, k]) for k in range(4)], axis=1)
-        tracks.append(FaceTrack(frames=frames.tolist(), boxes=boxes))
-    return tracks
+# -- crops and paste (pure functions) -----------------------------------------------------------------
 
 
 def smooth_boxes(boxes: np.ndarray, sigma: float) -> np.ndarray:
-    """Square face boxes (T, 3) = (centre x, centre y, side) from (x, y, w, h), Gaussian-smoothed over time.
+    """Square face boxes (T, 3) = (centre x, centre y, side) from (x0, y0, x1, y1), Gaussian-smoothed over time.
 
     The kernel is renormalised at the track's ends, so a still face stays exactly where it is.
     """
     boxes = np.asarray(boxes, dtype=np.float64)
-    params = np.stack([boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2, boxes[:, 2:].max(1)], axis=1)
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    params = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, sides], axis=1)
     if sigma <= 0 or len(params) == 1:
         return params
     t = np.arange(len(params))
@@ -193,6 +92,11 @@ def paste(frame: np.ndarray, patch: np.ndarray, x0: int, y0: int, mask: np.ndarr
 # -- the face pass ------------------------------------------------------------------------------------------
 
 
+def track_squares(track: FaceTrack, margin: float, smooth: float, height: int, width: int) -> list[tuple[int, int, int]]:
+    """(x0, y0, side) of the square crop in each frame of the track: smoothed boxes, grown by the margin."""
+    return [square_crop(cx, cy, s, margin, height, width) for cx, cy, s in smooth_boxes(track.boxes, smooth)]
+
+
 def restore_faces(
     frames: np.ndarray,
     tracks: list[FaceTrack],
@@ -212,7 +116,7 @@ def restore_faces(
     out = frames.astype(np.float32, copy=True)
     _, height, width, _ = frames.shape
     for k, track in enumerate(tracks):
-        squares = [square_crop(cx, cy, s, margin, height, width) for cx, cy, s in smooth_boxes(track.boxes, smooth)]
+        squares = track_squares(track, margin, smooth, height, width)
         crops = [frames[f, y : y + s, x : x + s].astype(np.float32) for f, (x, y, s) in zip(track.frames, squares)]
         clip = np.stack([resize_frames(c[None], size, size, "cubic")[0] for c in crops])
         clip = np.asarray(denoise(clip, k), dtype=np.float32)
@@ -236,7 +140,10 @@ class FaceConfig:
     fps: int = 8
     identities: list[str] = field(default_factory=list)
     models: ModelSpec = field(default_factory=ModelSpec)
-    detector: str | None = None  # YuNet .onnx; None: OpenCV's Haar cascade
+    detector: str = "hog"  # hog | cnn (dlib's MMOD) | haar (OpenCV) | a YuNet .onnx file
+    min_face: float = 24  # px: smaller faces are not looked for (smaller values upscale frames more)
+    min_track: int = 3  # frames a face must be seen in before it is re-rendered (at most the clip's length)
+    min_score: float | None = None  # mean detector confidence a track needs; None: the detector's (MIN_TRACK_SCORE)
     face_size: int | None = None  # §4.3: 512; None: the model's native size (tiny: 64)
     margin: float = 0.3  # crop side = face side · (1 + 2·margin)
     feather: float = 0.15  # feathered edge, as a fraction of the crop side
@@ -245,24 +152,74 @@ class FaceConfig:
 
     def check(self) -> None:
         check_common(self)
-        if self.detector is not None:
-            if not Path(self.detector).is_file():
+        if self.detector not in DETECTORS:
+            path = Path(str(self.detector))
+            if path.suffix.lower() != ".onnx":
+                raise ValueError(f"--detector must be one of {', '.join(DETECTORS)} or a YuNet .onnx file, got {self.detector!r}")
+            if not path.is_file():
                 raise FileNotFoundError(f"--detector {self.detector!r} does not exist")
-            if Path(self.detector).suffix.lower() != ".onnx":
-                raise ValueError(f"--detector must be OpenCV's YuNet .onnx model file, got {self.detector!r}")
+        elif self.detector == "cnn" and missing_packages():
+            raise ValueError(f"--detector cnn needs dlib's face models: {missing_packages()}")
+        if not (isinstance(self.min_face, (int, float)) and self.min_face >= 4):
+            raise ValueError(f"--min-face must be a number of pixels >= 4, got {self.min_face!r}")
+        if not isinstance(self.min_track, int) or self.min_track < 1:
+            raise ValueError(f"--min-track must be an integer >= 1, got {self.min_track!r}")
+        if self.min_score is not None and not isinstance(self.min_score, (int, float)):
+            raise ValueError(f"--min-score must be a number, got {self.min_score!r}")
         size, multiple = self.size(), size_multiple(self.models)  # Wan: 16
         if not isinstance(size, int) or size < multiple or size % multiple:
             raise ValueError(f"--face-size must be a positive multiple of {multiple}, got {size!r}")
-        if not self.margin >= 0:
-            raise ValueError(f"--margin must be >= 0, got {self.margin!r}")
-        if not 0 < self.feather <= 0.5:
+        check_clip_size(1, size, size, "--face-size")
+        check_number("--margin", self.margin, low=0, high=10)
+        if not 0 < check_number("--feather", self.feather) <= 0.5:
             raise ValueError(f"--feather must be in (0, 0.5], got {self.feather!r}")
-        if not self.smooth >= 0:
-            raise ValueError(f"--smooth must be >= 0, got {self.smooth!r}")
+        check_number("--smooth", self.smooth, low=0)
         check_context(self.context)
 
     def size(self) -> int:
         return self.face_size if self.face_size is not None else model_size(self.models)
+
+
+def find_tracks(frames: np.ndarray, cfg: FaceConfig, detector: Detector | None = None, quiet: bool = True):
+    """Detect and track the faces of a clip (F, H, W, 3) uint8: (tracks to re-render, run record).
+
+    The record lists every track with its per-frame boxes [x0, y0, x1, y1] in input-frame pixels (None
+    where the face was not seen), its mean detector score, whether it is re-rendered and, if not, why.
+    """
+    if detector is None:
+        finder, note = make_detector(cfg.detector, min_face=cfg.min_face)
+        detect, kind, what = finder, finder.name, finder.describe()
+    else:
+        detect, kind, what, note = detector, "custom", "a detector given by the caller", ""
+    found = []
+    with progress_bar(len(frames), "face: finding faces", quiet=quiet, unit="frame") as bar:
+        for f in frames:
+            found.append(detect(f))
+            bar.update(1)
+    tracks = track_faces(found)
+    min_frames = min(cfg.min_track, len(frames))
+    min_score = cfg.min_score if cfg.min_score is not None else MIN_TRACK_SCORE[kind]
+    verdicts = [track_verdict(t, min_frames, min_score) for t in tracks]
+    kept = [t for t, why in zip(tracks, verdicts) if not why]
+    height, width = frames.shape[1:3]
+    entries = []
+    for t, why in zip(tracks, verdicts):
+        entry = {"boxes": t.record(len(frames)), "frames_seen": t.n_seen, "score": round(t.score, 3), "rendered": not why}
+        if why:
+            entry["skipped"] = why
+        else:
+            squares = [None] * len(frames)
+            for f, (x, y, s) in zip(t.frames, track_squares(t, cfg.margin, cfg.smooth, height, width)):
+                squares[f] = [x, y, x + s, y + s]
+            entry["squares"] = squares  # what was cut out and pasted back, per frame
+        entries.append(entry)
+    record = dict(faces=len(kept), face_frames=sorted({f for t in kept for f in t.frames}), tracks=entries,
+                  face_detector=what, min_track_frames=min_frames, min_track_score=min_score)
+    if note:
+        record["face_detector_note"] = note
+    if cfg.detector not in DETECTORS:
+        record["detector_model"] = fingerprint(cfg.detector)
+    return kept, record
 
 
 def face_vcd(
@@ -278,21 +235,19 @@ def face_vcd(
 ) -> Path:
     """Face VCD on the clip at `video`; write `out` and its run record; return `out`.
 
-    Faces are found before any model loads; a clip with no face is written unchanged, with a warning.
-    `step_callback` is passed to every denoising call as `callback_on_step_end`.
+    Faces are found before any model loads; a clip with no face to re-render is written unchanged,
+    with a warning. `detector` replaces `cfg.detector` (a function frame → `Face`s or (x, y, w, h)
+    boxes). `step_callback` is passed to every denoising call as `callback_on_step_end`.
     """
     cfg.check()
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=stage_inputs(cfg, video))
     frames = read_input_video(video)
-    detect = detector or make_detector(cfg.detector)
-    tracks = track_faces([detect(f) for f in frames])
-    record = dict(faces=len(tracks), face_frames=sorted({f for t in tracks for f in t.frames}))
-    if cfg.detector:
-        record["detector_model"] = fingerprint(cfg.detector)
+    tracks, record = find_tracks(frames, cfg, detector, quiet)
     if not tracks:
-        log.warning("no face found in %s: the clip is written unchanged", video)
-        write_video(frames, out, fps=cfg.fps)
-        write_sidecar(out, stage_record("face", cfg, video, frames.shape, **record))
+        skipped = len(record["tracks"])
+        why = f"{skipped} brief or unsure face track(s), not re-rendered" if skipped else "no face found"
+        log.warning("%s in %s: the clip is written unchanged", why, video)
+        write_video(frames, out, fps=cfg.fps, record=stage_record("face", cfg, video, frames.shape, **record))
         return out
 
     pipe = load_stage_pipeline(cfg.models, cfg.identities, device, quiet, pipe)
@@ -313,6 +268,5 @@ def face_vcd(
             frames.astype(np.float32) / 255.0, tracks, denoise, size=cfg.size(), margin=cfg.margin,
             feather=cfg.feather, smooth=cfg.smooth,
         )
-    write_video(result, out, fps=cfg.fps)
-    write_sidecar(out, stage_record("face", cfg, video, frames.shape, pipe=pipe, **record))
+    write_video(result, out, fps=cfg.fps, record=stage_record("face", cfg, video, frames.shape, pipe=pipe, **record))
     return out

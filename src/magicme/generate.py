@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info
+from .checks import check_number, check_seed
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info, split_spec
 from .long_video import WindowPlan, plan_windows, prompt_schedule, windowed
 from .models import (
     PRESETS, TINY, ModelSpec, check_motion_frames, fingerprint, load_pipeline, native_resolution,
@@ -25,7 +26,7 @@ from .models import (
 from .noise_prior import check_gamma, noise_prior
 from .progress import progress_bar, step_counter
 from .records import absolute_paths, runtime_record, to_jsonable
-from .video import check_output_path, output_kind, write_sidecar, write_video
+from .video import check_clip_size, check_output_path, output_kind, write_video
 
 
 @dataclass
@@ -63,14 +64,18 @@ class GenerateConfig:
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+        # a side not given is at least 64 (tiny's native size); checked again once the model says its own
+        check_clip_size(self.frames, self.height or 64, self.width or 64, "--frames/--height/--width")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"--steps must be an integer >= 1, got {self.steps!r}")
-        if self.guidance is not None and not self.guidance >= 0:
-            raise ValueError(f"--guidance must be >= 0, got {self.guidance!r}")
+        if self.guidance is not None:
+            check_number("--guidance", self.guidance, low=0)
         if self.free_init is not None and (not isinstance(self.free_init, int) or self.free_init < 1):
             raise ValueError(f"--free-init must be an integer >= 1 (iterations), got {self.free_init!r}")
         if not self.seeds:
             raise ValueError("--seed needs at least one value")
+        for seed in self.seeds:
+            check_seed(seed)
         self.models.check()
         for prompt in self.jobs_prompts():
             prompt_schedule(prompt, self.prompt_at, self.frames)
@@ -212,11 +217,13 @@ def generate(
         return generate_wan(cfg, out, pipe=pipe, quiet=quiet, device=device, step_callback=step_callback)
     cfg.check()
     cfg = cfg.resolved()
-    paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
+    inputs = [("--identity", split_spec(p)[0]) for p in cfg.identities]
+    paths = [check_output_path(p, inputs=inputs) for p in output_paths(out, cfg.jobs_prompts(), cfg.seeds)]
     windows = cfg.window_plan()
     if pipe is None:
         pipe = load_pipeline(cfg.models, device=device)
     height, width = cfg.size(pipe)
+    check_clip_size(cfg.frames, height, width, "--frames/--height/--width")
     check_motion_frames(windows.length if windows else cfg.frames, pipe.unet.config.get("motion_max_seq_length"),
                         "--context-length" if windows else "--frames")
     load_identities(pipe, cfg.identities)
@@ -242,8 +249,7 @@ def generate(
             free_init=cfg.free_init,
             callback_on_step_end=step_counter(bar, step_callback),
         )
-        write_video(frames, path, fps=cfg.fps)
-        write_sidecar(path, run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
+        write_video(frames, path, fps=cfg.fps, record=run_record(cfg, prompt, seed, height, width, pipe=pipe, windows=windows))
     bar.close()
     return paths
 

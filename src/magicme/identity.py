@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+
 EMBEDDING_KEY = "emb_params"
 FORMAT = "magicme.identity/1"
 
@@ -44,22 +45,25 @@ class IdentityInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: str | Path) -> "IdentityInfo":
-        if meta.get("format") != FORMAT or "token" not in meta:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("token"), str):
             raise ValueError(f"identity {str(path)!r} is not a magicme identity file (no token in its metadata)")
-        return cls(
-            token=meta["token"],
-            class_word=meta.get("class_word", ""),
-            num_vectors=int(meta.get("num_vectors", 0)),
-            base=meta.get("base", ""),
-            steps=int(meta.get("steps", 0)),
-            hidden_size=int(meta.get("hidden_size", 0)),
-            masked=meta.get("masked", "True") == "True",
-            source=meta.get("source", "magicme"),
-            base_fingerprint=meta.get("base_fingerprint", ""),
-            backbone=meta.get("backbone", "animatediff"),
-            form=meta.get("form", "tokens"),
-            rank=int(meta.get("rank", 0)),
-        )
+        try:
+            return cls(
+                token=meta["token"],
+                class_word=str(meta.get("class_word", "")),
+                num_vectors=int(meta.get("num_vectors", 0)),
+                base=str(meta.get("base", "")),
+                steps=int(meta.get("steps", 0)),
+                hidden_size=int(meta.get("hidden_size", 0)),
+                masked=meta.get("masked", "True") == "True",
+                source=str(meta.get("source", "magicme")),
+                base_fingerprint=str(meta.get("base_fingerprint", "")),
+                backbone=str(meta.get("backbone", "animatediff")),
+                form=str(meta.get("form", "tokens")),
+                rank=int(meta.get("rank", 0)),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"identity {str(path)!r} has malformed metadata ({e})") from None
 
 
 def save_identity(path: str | Path, embeddings: torch.Tensor, info: IdentityInfo) -> Path:
@@ -95,6 +99,7 @@ def _magicme_info(path: Path) -> IdentityInfo | None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             keys = list(f.keys())
+            shape = tuple(f.get_slice(EMBEDDING_KEY).get_shape()) if keys == [EMBEDDING_KEY] else ()
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"--identity {str(path)!r} is not a readable .safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
@@ -105,7 +110,24 @@ def _magicme_info(path: Path) -> IdentityInfo | None:
             raise ValueError(f"--identity {str(path)!r} says it is a LoRA but holds other tensors ({keys[:3]})")
     elif keys != [EMBEDDING_KEY]:
         raise ValueError(f"--identity {str(path)!r} holds {keys}, expected one tensor {EMBEDDING_KEY!r}")
+    if info.form != "lora":
+        check_embedding_shape(shape, info, path)
     return info
+
+
+def check_embedding_shape(shape: tuple[int, ...], info: IdentityInfo, path: str | Path) -> None:
+    """The tensor must hold exactly the vectors the metadata claims, each as wide as it says."""
+    if len(shape) != 2 or shape[0] < 1 or shape[0] != info.num_vectors or (info.hidden_size and shape[1] != info.hidden_size):
+        raise ValueError(
+            f"--identity {str(path)!r}: its metadata claims {info.num_vectors} vectors of width {info.hidden_size or '?'}, "
+            f"but the tensor is {list(shape)}"
+        )
+
+
+def check_embedding_values(emb: torch.Tensor, path: str | Path) -> None:
+    """NaN or inf vectors would make every frame black: refuse them on load."""
+    if not torch.isfinite(emb).all():
+        raise ValueError(f"--identity {str(path)!r} holds NaN/inf values (a diverged training); retrain it")
 
 
 def check_identity_backbone(path: str | Path, info: IdentityInfo, backbone: str) -> None:
@@ -151,8 +173,11 @@ def read_identity(spec: str | Path) -> tuple[torch.Tensor, IdentityInfo]:
     path, token = split_spec(spec)
     info = read_identity_info(spec)
     if _magicme_info(path) is not None:
-        return load_file(str(path))[EMBEDDING_KEY], info
-    return _foreign(path, token)
+        emb = load_file(str(path))[EMBEDDING_KEY]
+    else:
+        emb = _foreign(path, token)[0]
+    check_embedding_values(emb, path)
+    return emb, info
 
 
 def with_token(identities: list[str], token: str | None) -> list[str]:
@@ -189,8 +214,9 @@ def convert_identity(src: str | Path, out: str | Path, token: str | None = None,
     emb, info = read_identity(spec)
     if out.exists():
         raise FileExistsError(f"OUT {str(out)!r} exists; choose a new file name")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"OUT {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    from .outputs import check_output
+
+    check_output(out, arg="OUT", inputs=[("IN", split_spec(spec)[0])], record=False)  # writable, not the input
     info = replace(info, class_word=class_word if class_word is not None else info.class_word, hidden_size=emb.shape[1])
     return save_identity(out, emb, info)
 

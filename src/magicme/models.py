@@ -190,14 +190,18 @@ def save_tiny_model(folder: str | Path, preset: TinyPreset = TinyPreset()) -> Pa
     """Write the tiny preset as a stock diffusers Stable Diffusion folder plus `motion_adapter/`."""
     from diffusers import StableDiffusionPipeline
 
+    from .outputs import atomic_folder, check_output
+
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
+    if folder.is_dir() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty; choose a new folder")
+    check_output(folder, arg="DIR", folder=True, owned=lambda p: False, record=False)  # only a new or empty folder
     parts = tiny_components(preset)
     adapter = parts.pop("motion_adapter")
     sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    sd.save_pretrained(folder)
-    adapter.save_pretrained(folder / "motion_adapter")
+    with atomic_folder(folder) as tmp:
+        sd.save_pretrained(tmp)
+        adapter.save_pretrained(tmp / "motion_adapter")
     return folder
 
 
@@ -518,6 +522,30 @@ def native_resolution(spec: ModelSpec, pipe=None) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` checked to exist on this machine (ValueError naming it otherwise); None: CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {str(device)!r} is not a device; use cpu, cuda, cuda:1, mps …") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {str(device)!r}: magicme runs on {', '.join(DEVICE_TYPES)}")
+    if dev.type == "cpu":
+        return dev
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type)
+    if not backend.is_available():
+        raise ValueError(f"--device {str(device)!r}: no {dev.type.upper()} device on this machine; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {str(device)!r}: this machine has {count} {dev.type} device(s), numbered from 0")
+    return dev
+
+
 def load_pipeline(
     spec: ModelSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None, base_parts: dict | None = None,
 ):
@@ -531,7 +559,7 @@ def load_pipeline(
 
         return load_wan_pipeline(spec, device, dtype)
     spec.check()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     dtype = dtype or spec.speed.torch_dtype(device)
     preset = PRESETS[spec.preset]
     if base_parts is not None:

@@ -7,6 +7,9 @@
     manifest.json           class word, resolution, and per image: source, crop box, how its mask was made
     contact_sheet.png       image | mask overlay, one row per image, for a person to check the masks
 
+For people (a class word such as 'woman') the faces are checked first (`check_faces`): a photo with no
+face or several is named, and so is one whose face is far from the others' (someone else in the set).
+
 `augment` is the training-time augmentation (Custom Diffusion's recipe, used by the reference code):
 image and mask are rescaled, flipped and rotated together, and the prompt says how far the subject is.
 """
@@ -15,21 +18,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .outputs import atomic_folder, check_output
+from .faces import is_person
 from .segment import Segmentation, Segmenter, SegmenterConfig, read_user_mask
+from .video import open_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "magicme.identity-set/1"
+CONTENTS = {"images", "masks", MANIFEST, "contact_sheet.png"}  # everything a prepared folder holds
+MIN_SIDE = 16  # pixels: a smaller photo holds no subject to learn (and GrabCut needs some background)
 CANVAS_GREY = 127  # the empty canvas of a shrunk sample: mid-grey, 0 after [-1, 1] scaling
 
 
@@ -45,62 +50,71 @@ class PrepareConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
     def check(self) -> None:
+        """Validate every argument before any work; the output must be new or a folder `prepare` wrote."""
         images = Path(self.images)
         if not images.is_dir():
             raise FileNotFoundError(f"--images {str(images)!r} is not a folder")
         if not isinstance(self.class_word, str) or not self.class_word.strip():
             raise ValueError("--class-word must be a non-empty word such as 'dog' or 'woman'")
-        if not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8:
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}")
+        if not isinstance(self.resolution, int) or isinstance(self.resolution, bool) or not 8 <= self.resolution <= 4096 or self.resolution % 8:
+            raise ValueError(f"--resolution must be a multiple of 8 in [8, 4096], got {self.resolution!r}")
         if self.masks is not None and not Path(self.masks).is_dir():
             raise FileNotFoundError(f"--masks {str(self.masks)!r} is not a folder")
-        out = Path(self.out)
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise FileNotFoundError(f"--out {str(out)!r}: folder {str(parent)!r} does not exist")
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-            raise FileExistsError(f"--out {str(out)!r} exists and is not a prepared folder; choose a new one")
+        inputs = [("--images", images)] + ([("--masks", self.masks)] if self.masks is not None else [])
+        check_output(self.out, folder=True, owned=is_prepared_folder, inputs=inputs, record=False)
         self.segmenter.check()
 
 
-def load_image(path: str | Path):
-    """An image file as an upright RGB PIL image: EXIF orientation applied, alpha composited on white."""
-    from PIL import Image, ImageOps
+def load_side(resolution: int) -> int:
+    """Photos are downscaled on load to this long side: 4× the output's, at least 2048 (the crop is the short side)."""
+    return max(2048, 4 * resolution)
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.load()
+
+def load_image(path: str | Path, max_side: int | None = None, min_side: int = 1, what: str = "--images: photo"):
+    """An image file as an upright RGB PIL image: EXIF orientation applied, alpha composited on white.
+
+    Decoded by `open_image` (bombs and images under `min_side` refused, ValueError); downscaled to
+    `max_side` if larger.
+    """
+    from PIL import Image
+
+    im = open_image(path, what, max_side=max_side, min_side=min_side)
+    source = im.info["source_size"]
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+        im = Image.alpha_composite(white, rgba).convert("RGB")
+    else:
+        im = im.convert("RGB")
+    im.info["source_size"] = source
+    return im
 
 
-def load_reference_images(folder: str | Path) -> list[tuple[Path, object]]:
-    """Every readable jpg/png/webp in `folder` (sorted by name) as (path, RGB image).
+def load_reference_images(folder: str | Path, max_side: int | None = None) -> list[tuple[Path, object]]:
+    """Every readable jpg/png/webp in `folder` (sorted by name) as (path, RGB image), downscaled to `max_side`.
 
-    Other files and unreadable images are skipped with a warning naming them; none left is an error.
+    Other files, unreadable or tiny images are skipped with a warning naming them; none left is an error.
     """
-    from PIL import UnidentifiedImageError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images {str(folder)!r} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ValueError(f"--images {str(folder)!r} is empty; put 1 or more photos of the subject in it")
-    out = []
+    out, skipped = [], []
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
-            log.warning("--images: skipping %r (not a jpg/png/webp image)", str(p))
+            skipped.append(f"{str(p)!r} is not a jpg/png/webp image")
             continue
         try:
-            out.append((p, load_image(p)))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            log.warning("--images: skipping %r (unreadable or corrupt: %s)", str(p), e)
-    if not out:
-        raise ValueError(f"--images {str(folder)!r} holds no readable jpg/png/webp image")
+            out.append((p, load_image(p, max_side, MIN_SIDE)))
+        except ValueError as e:
+            skipped.append(str(e))
+    if not out:  # one line: the first reason stands for all
+        raise ValueError(f"--images {str(folder)!r} holds no readable jpg/png/webp photo ({skipped[0]}"
+                         + (f"; and {len(skipped) - 1} more" if len(skipped) > 1 else "") + ")")
+    for reason in skipped:
+        log.warning("--images: skipping: %s", reason)
     stems = [p.stem for p, _ in out]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
@@ -173,6 +187,39 @@ def _user_mask_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def check_faces(refs: list[tuple[Path, object]]) -> list[dict] | None:
+    """The faces in photos of one person: per photo its faces, the largest one, and that face's median dlib
+    distance to the other photos' faces (the same person is below 0.6).
+
+    Warns, one line per photo, of no face, of several faces (the largest is the subject), and of a face
+    farther than 0.6 from the others (a photo of someone else?). None, with one line saying what is
+    missing, without the `[faces]` extra.
+    """
+    from .faces import SAME_PERSON_DISTANCE, FaceFinder, distance_to_others, largest, missing_packages
+
+    missing = missing_packages()
+    if missing:
+        log.warning("face check skipped: %s", missing)
+        return None
+    finder = FaceFinder("hog", max_side=2048, descriptors=True)
+    out = []
+    for path, img in refs:
+        rgb = np.asarray(img)
+        found = finder(rgb)
+        face = largest(found)
+        if not found:
+            log.warning("--images: no face found in %r", str(path))
+        elif len(found) > 1:
+            log.warning("--images: %d faces in %r; the largest is taken as the subject", len(found), str(path))
+        out.append({"faces": found, "face": face, "descriptor": finder.descriptor(rgb, face) if face else None})
+    for (path, _), item, d in zip(refs, out, distance_to_others([o["descriptor"] for o in out])):
+        item["distance"] = d
+        if d is not None and d > SAME_PERSON_DISTANCE:
+            log.warning("--images: the face in %r is %.2f from the other photos' faces (the same person is below %.1f): "
+                        "a photo of someone else?", str(path), d, SAME_PERSON_DISTANCE)
+    return out
+
+
 def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None, *, quiet: bool = False) -> Path:
     """Write the prepared identity set (see the module docstring) atomically into `cfg.out`; return it."""
     from PIL import Image
@@ -180,8 +227,9 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
     from .progress import progress_bar
 
     cfg.check()
-    refs = load_reference_images(cfg.images)
+    refs = load_reference_images(cfg.images, load_side(cfg.resolution))
     class_word = cfg.class_word.strip()
+    faces = check_faces(refs) if is_person(class_word) else None
     user_masks = None
     if cfg.masks is not None:
         user_masks = _user_mask_files(Path(cfg.masks))
@@ -189,23 +237,22 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
         if missing:
             raise ValueError(f"--masks {str(cfg.masks)!r} has no mask for {missing[0]!r} (expected one with the stem {Path(missing[0]).stem!r})")
         segs = [
-            Segmentation(read_user_mask(user_masks[p.stem], img.size), "user", note=user_masks[p.stem].name) for p, img in refs
+            Segmentation(read_user_mask(user_masks[p.stem], img.info["source_size"], img.size), "user", note=user_masks[p.stem].name)
+            for p, img in refs
         ]
         status = f"user masks from {cfg.masks}"
     else:
         segmenter = segmenter or Segmenter(cfg.segmenter)
         segs = []
         with progress_bar(len(refs), "prepare: subject masks", quiet=quiet, unit="photo") as bar:
-            for path, img in refs:
+            for i, (path, img) in enumerate(refs):
                 bar.set_postfix_str(path.name)
-                segs.append(segmenter(img, class_word))
+                segs.append(segmenter(img, class_word, faces=faces[i]["faces"] if faces else None))
                 bar.update(1)
         status = segmenter.status
 
     out = Path(cfg.out)
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         items, prepared, prepared_masks = [], [], []
@@ -222,7 +269,8 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
                     "image": f"images/{name}",
                     "mask": f"masks/{name}",
                     "source": str(path.resolve()),
-                    "source_size": list(img.size),
+                    "source_size": list(img.info["source_size"]),
+                    "working_size": list(img.size),  # the photo as segmented and cropped (huge ones downscaled)
                     "crop_box": list(box),
                     "mask_method": seg.method,
                     "mask_box": list(seg.box) if seg.box else None,
@@ -231,6 +279,10 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
                     "note": seg.note,
                 }
             )
+            if faces:
+                face = faces[i]["face"]
+                items[-1].update(faces=len(faces[i]["faces"]), face_box=[round(v, 1) for v in face.box] if face else None,
+                                 face_distance=None if faces[i]["distance"] is None else round(faces[i]["distance"], 3))
         contact_sheet(prepared, prepared_masks).save(tmp / "contact_sheet.png")
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -241,28 +293,44 @@ def prepare_identity_set(cfg: PrepareConfig, segmenter: Segmenter | None = None,
             "items": items,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
+def is_prepared_folder(folder: Path) -> bool:
+    """A folder `prepare` wrote and nobody added to: a valid manifest, and nothing but what it lists."""
+    try:
+        manifest = read_manifest(folder)
+    except (FileNotFoundError, ValueError):
+        return False
+    listed = {item[k] for item in manifest["items"] for k in ("image", "mask")}
+    for p in folder.iterdir():
+        if p.name not in CONTENTS:
+            return False
+        if p.is_dir() and any(f"{p.name}/{q.name}" not in listed for q in p.iterdir()):
+            return False
+    return True
+
+
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a prepared folder, checked; FileNotFoundError/ValueError name the folder."""
+    """The manifest of a prepared folder, checked; FileNotFoundError/ValueError name the folder and the fault."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"--data {str(folder)!r} is not a prepared folder (no {MANIFEST}); run 'magicme prepare' first")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"--data: {str(path)!r} is not valid JSON ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("items"):
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("items"):
         raise ValueError(f"--data: {str(path)!r} is not a magicme identity-set manifest or lists no images")
+    if not isinstance(manifest.get("class_word"), str) or not isinstance(manifest["items"], list):
+        raise ValueError(f"--data: {str(path)!r} is malformed (class_word must be a string, items a list)")
+    for n, item in enumerate(manifest["items"], 1):
+        for key, sub in (("image", "images"), ("mask", "masks")):
+            value = item.get(key) if isinstance(item, dict) else None
+            # a listed file must be a plain name inside the folder's own images/ or masks/
+            if not isinstance(value, str) or Path(value).parent != Path(sub) or Path(value).name in ("", ".", ".."):
+                raise ValueError(f"--data: {str(path)!r} item {n}: {key!r} must be a file in {sub}/, got {value!r}")
     return manifest
 
 
@@ -278,8 +346,8 @@ def load_identity_set(folder: str | Path, resolution: int) -> tuple[np.ndarray, 
         for p in (ip, mp):
             if not p.is_file():
                 raise FileNotFoundError(f"--data: {str(p)!r} listed in the manifest is missing")
-        img = Image.open(ip).convert("RGB")
-        mask = Image.open(mp).convert("L")
+        img = open_image(ip, "--data: image", max_side=4096).convert("RGB")
+        mask = open_image(mp, "--data: mask", max_side=4096).convert("L")
         if mask.size != img.size:
             raise ValueError(f"--data: mask {str(mp)!r} is {mask.size} but its image is {img.size}")
         if img.size != (resolution, resolution):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -102,6 +103,8 @@ def check_value(value: Any, hint: Any, name: str) -> Any:
 
     if hint is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan/.inf: black videos, not errors
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -126,7 +129,12 @@ def check_value(value: Any, hint: Any, name: str) -> Any:
             raise bad()
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad()
         return float(value)
     if hint is str:
@@ -204,13 +212,17 @@ PATH_FIELDS = ("data", "images", "identities", "detector", "upscaler", "controln
                "models.base", "models.motion_adapter", "models.base_config")
 
 
+NAMED_SETTINGS = {"tiny", "hog", "cnn", "haar"}
+
+
 def absolute_paths(cfg: Any) -> Any:
     """A copy of a stage config with its local file/folder fields made absolute, so a record works from any folder."""
 
     def resolve(value):
         if isinstance(value, list):
             return [resolve(v) for v in value]
-        local = isinstance(value, (str, Path)) and value != "tiny" and Path(value).exists()  # 'tiny' is the preset
+        # names that are settings, not files ('tiny' preset, face detectors), stay names even if such a file exists
+        local = isinstance(value, (str, Path)) and str(value) not in NAMED_SETTINGS and Path(value).exists()
         return str(Path(value).resolve()) if local else value
 
     for path in PATH_FIELDS:

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import html
 import math
-import os
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 
-from .suite import read_rows
+from .outputs import atomic_file, atomic_folder, check_output, writing, written_by_magicme
+from .suite import is_results_file, read_rows
 
 # (row key, the paper's name); Table 1's rows in its order, then ours
 TABLE_ROWS = (
@@ -33,6 +33,8 @@ TABLE_ROWS = (
     ("temporal_dino", "DINO Temp Consist ↑"),
     ("temporal_clip", "CLIP-I Temp Consist ↑"),
     ("face", "Face similarity ↑"),
+    ("face_distance", "Face distance (dlib) ↓"),
+    ("face_coverage", "Face coverage ↑"),
     ("motion", "Motion magnitude"),
 )
 
@@ -81,11 +83,16 @@ def mean_ci(values) -> tuple[float, float | None, int]:
     return float(x.mean()), t_quantile(0.975, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size), int(x.size)
 
 
-def cell(values) -> str:
+FACE_ROWS = frozenset({"face", "face_distance", "face_coverage"})  # scored only where a face was found
+
+
+def cell(values, show_n: bool = False) -> str:
+    """'mean ± 95 % half-width'; with `show_n`, the number of videos it averages: '0.712 ± 0.031 (n=12)'."""
     mean, half, n = mean_ci(values)
     if n == 0:
         return "–"
-    return f"{mean:.3f}" if half is None else f"{mean:.3f} ± {half:.3f}"
+    text = f"{mean:.3f}" if half is None else f"{mean:.3f} ± {half:.3f}"
+    return f"{text} (n={n})" if show_n else text
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -102,6 +109,8 @@ def load_groups(results: list[str | Path], labels: list[str] | None = None) -> l
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--results {str(path)!r} does not exist")
+        if not is_results_file(path):
+            raise ValueError(f"--results {str(path)!r} is not a results file of 'magicme evaluate-suite'")
         rows = read_rows(path)
         if not rows:
             raise ValueError(f"--results {str(path)!r} holds no rows")
@@ -129,7 +138,7 @@ def metric_table(groups: list[Group]) -> list[list[str]]:
     table = [["", *(g.label for g in groups)]]
     for key, name in TABLE_ROWS:
         if any(r.get(key) is not None for g in groups for r in g.rows):
-            table.append([name, *(cell(r.get(key) for r in g.rows) for g in groups)])
+            table.append([name, *(cell((r.get(key) for r in g.rows), key in FACE_ROWS) for g in groups)])
     table.append(["Videos", *(str(len(g.rows)) for g in groups)])
     table.append(["γ (noise prior)", *(str(g.gamma) for g in groups)])
     return table
@@ -142,7 +151,7 @@ def subject_table(groups: list[Group]) -> list[list[str]]:
     for g in groups:
         for subject in dict.fromkeys(r["subject"] for r in g.rows):
             rows = [r for r in g.rows if r["subject"] == subject]
-            table.append([g.label, subject, str(len(rows)), *(cell(r.get(k) for r in rows) for k, _ in keys)])
+            table.append([g.label, subject, str(len(rows)), *(cell((r.get(k) for r in rows), k in FACE_ROWS) for k, _ in keys)])
     return table
 
 
@@ -249,15 +258,16 @@ def contact_sheet(group: Group, path: Path, max_videos: int = 64, thumb: int = 9
 
 
 def _atomic_save(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        write(str(tmp))
+
+
+REPORT_FILE = re.compile(r"report\.(md|html)|gamma_sweep\.png|contact_sheet_\d+\.png")
+
+
+def is_own_report(path: Path) -> bool:
+    """A report folder magicme wrote (its run record beside it) that holds nothing but report files."""
+    return written_by_magicme(path) and path.is_dir() and all(REPORT_FILE.fullmatch(p.name) for p in path.iterdir())
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -272,17 +282,30 @@ def write_report(results: list[str | Path], out: str | Path, *, labels: list[str
     """Write report.md, report.html, gamma_sweep.png and contact_sheet_<i>.png into `out`; return their paths."""
     if not isinstance(max_videos, int) or max_videos < 1:
         raise ValueError(f"--max-videos must be an integer >= 1, got {max_videos!r}")
+    from .video import write_sidecar
+
     groups = load_groups(results, labels)
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-    out.mkdir(exist_ok=True)
+    out = check_output(out, folder=True, owned=is_own_report, inputs=[("--results", r) for r in results])
+    with writing(out):
+        with atomic_folder(out) as tmp:
+            written = _write_report_files(groups, tmp, max_videos)
+        write_sidecar(out, {"task": "report", "results": [str(Path(r).resolve()) for r in results], "labels": labels,
+                            "max_videos": max_videos, "files": sorted(written.values())})
+    return {key: out / name for key, name in written.items()}
+
+
+def _write_report_files(groups: list[Group], out: Path, max_videos: int) -> dict[str, str]:
+    """report.md, report.html, the plot and the contact sheets into `out`; their names by key."""
     table, per_subject = metric_table(groups), subject_table(groups)
     plot = gamma_sweep_plot(groups, out / "gamma_sweep.png")
     sheets = [contact_sheet(g, out / f"contact_sheet_{i}.png", max_videos) for i, g in enumerate(groups)]
 
     note = ("Cells: mean over videos ± half-width of the 95 % confidence interval of the mean (Student t). "
             "Temporal consistency rises as motion falls (paper §5.2): read it with the motion row and CLIP-T.")
+    if any(r.get(k) is not None for g in groups for r in g.rows for k in FACE_ROWS):
+        note += (" Face rows (dlib's 128-D descriptor of the largest face in each frame against each reference photo): "
+                 "similarity = mean cosine, distance = mean Euclidean (the same person below 0.6), coverage = share "
+                 "of frames with a face; similarity and distance average only the videos with a face, n says how many.")
     md = ["# magicme evaluation report", "", "## Metrics (paper Table 1 layout)", "", markdown_table(table), "", note, "",
           "## Per subject", "", markdown_table(per_subject), "", "## γ sweep", "", f"![γ sweep]({plot.name})", "",
           "## Contact sheets (first / middle / last frame)", ""]
@@ -305,5 +328,5 @@ def write_report(results: list[str | Path], out: str | Path, *, labels: list[str
         parts.append(f"<h3>{html.escape(g.label)}</h3><img src='{html.escape(path.name)}' alt='{html.escape(g.label)}'>")
     parts.append("</body></html>")
     _atomic_text(out / "report.html", "\n".join(parts))
-    return {"markdown": out / "report.md", "html": out / "report.html", "plot": plot,
-            **{f"contact_sheet_{i}": p for i, (p, _) in enumerate(sheets)}}
+    return {"markdown": "report.md", "html": "report.html", "plot": plot.name,
+            **{f"contact_sheet_{i}": p.name for i, (p, _) in enumerate(sheets)}}

@@ -189,8 +189,6 @@ def _parse_chain_config(data: dict, path: Path) -> ChainConfig:
         if "seeds" in stages["generate"]:
             raise ValueError("give the video seed as generate.seed (top-level 'seed' is its old name), not both")
         stages["generate"]["seeds"] = [data["seed"]]
-        print("magicme run: note: top-level 'seed' is now the video seed only (generate.seed); "
-              "the identity is trained with train.seed (default 0)", file=sys.stderr)
     metric = dict(data.get("metric_models") or {})
     build_config(MetricModels, metric, "metric_models")  # types and keys
     cfg = ChainConfig(
@@ -207,6 +205,9 @@ def _parse_chain_config(data: dict, path: Path) -> ChainConfig:
                        for k, v in metric.items()},
     )
     build_stage_configs(cfg)  # every stage's own check runs before any work
+    if "seed" in data:  # said once the config is valid: bad input gets its one error line alone
+        print("magicme run: note: top-level 'seed' is now the video seed only (generate.seed); "
+              "the identity is trained with train.seed (default 0)", file=sys.stderr)
     return cfg
 
 
@@ -255,9 +256,10 @@ def build_stage_configs(cfg: ChainConfig) -> dict[str, Any]:
 
         configs["evaluate"] = MetricModels(**{**cfg.metric_models, **st["evaluate"]})
     # Each stage checks its own settings now; the inputs made by earlier stages (prepared set, identity,
-    # videos) do not exist yet, so those are checked when the stage starts (train's settings too).
+    # videos) do not exist yet, so those are checked when the stage starts.
     with tempfile.TemporaryDirectory() as tmp:  # the work folder is not made before the settings pass
         dataclasses.replace(configs["prepare"], out=Path(tmp) / "prepared").check()
+    configs["train"].check_settings()
     for stage in ("generate", "face", "upscale"):
         if stage in configs:
             dataclasses.replace(configs[stage], identities=[]).check()
@@ -265,6 +267,43 @@ def build_stage_configs(cfg: ChainConfig) -> dict[str, Any]:
         configs["evaluate"].check()
     check_prompt_tokens([cfg.prompt], [IdentityInfo(token=cfg.token, class_word=cfg.class_word, num_vectors=1)])
     return configs
+
+
+def is_own_metrics(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"video", "prompt", "metric_models", "scores"} <= set(record)
+
+
+def check_work_dir(cfg: ChainConfig, configs: dict[str, Any]) -> None:
+    """Before any work: the work folder can be written, and each stage's output in it is new or one magicme
+    wrote (a rerun replaces only those); the prepared set is not the photos' folder."""
+    from .outputs import check_not_input, check_output, check_writable, written_by_magicme
+    from .prepare import is_prepared_folder
+    from .train import check_checkpoint_dir
+    from .video import is_own_video
+
+    w = cfg.work_dir
+    check_not_input(output_path(w, "prepare"), [("images", cfg.images)], "work_dir prepared/")
+    if not w.exists():
+        return check_writable(next(p for p in w.parents if p.exists()), "work_dir", w)
+    if not w.is_dir():
+        raise FileExistsError(f"work_dir {str(w)!r} is a file; name a folder")
+    kinds = {  # stage: (a folder, a run record beside it, who wrote it)
+        "prepare": (True, False, is_prepared_folder),
+        "train": (False, True, written_by_magicme),
+        "generate": (False, True, is_own_video),
+        "face": (False, True, is_own_video),
+        "upscale": (False, True, is_own_video),
+        "evaluate": (False, False, is_own_metrics),
+    }
+    for stage in configs:
+        folder, record, owned = kinds[stage]
+        for seed in cfg.video_seeds() if stage in VIDEO_STAGES else [None]:
+            check_output(output_path(w, stage, seed), arg=f"work_dir {stage} output", folder=folder, record=record, owned=owned)
+    check_checkpoint_dir(configs["train"].checkpoints())
 
 
 # ---- freshness stamps ----
@@ -283,12 +322,11 @@ def is_fresh(work_dir: Path, label: str, output: Path, stamp: dict) -> bool:
 
 
 def write_stamp(work_dir: Path, label: str, stamp: dict) -> None:
+    from .outputs import write_text
+
     path = _stamp_path(work_dir, label)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stamp.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(stamp, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(stamp, indent=1, sort_keys=True))
 
 
 # ---- the models, loaded once ----
@@ -419,6 +457,7 @@ def run_chain(cfg: ChainConfig, *, quiet: bool = False, device: str | None = Non
     """Run every enabled stage in order (the video stages once per video seed), skipping the up-to-date ones."""
     configs = build_stage_configs(cfg)
     w = cfg.work_dir
+    check_work_dir(cfg, configs)
     w.mkdir(parents=True, exist_ok=True)
     models = ChainModels(cfg.models, device, configs["train"].mixed_precision, log)
     jobs = chain_jobs(cfg, configs, models, quiet)
@@ -471,9 +510,6 @@ def _evaluate(cfg: ChainConfig, models, video: Path, prepared: Path, identity: P
     record = {"video": str(video), "video_sha256": content_hash(video), "prompt": cfg.prompt,
               "references": str(references), "references_sha256": content_hash(references),
               "metric_models": to_jsonable(models), "scores": scores}
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=out.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh, indent=2, default=float)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    return out
+    from .outputs import write_text
+
+    return write_text(out, json.dumps(record, indent=2, default=float))

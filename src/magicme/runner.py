@@ -142,12 +142,15 @@ class Runner:
                 self._pipe = (spec, load_pipeline(spec, device=self.device))
         return self._pipe[1]
 
-    def scorer(self, metric_models):
-        from .evaluate import Scorer
+    def scorer(self, metric_models, people: bool = False):
+        """One Scorer per metric models for every set: with `--face-score auto`, it scores faces of people only
+        (`people` says whether this set's class word names one, for the note when the [faces] extra is missing)."""
+        from .evaluate import Scorer, resolve_face_score
 
         if metric_models not in self._scorers:
+            face, people_only = resolve_face_score("auto", people=people)
             with unusable_models():
-                self._scorers[metric_models] = Scorer(metric_models, device=self.device)
+                self._scorers[metric_models] = Scorer(metric_models, device=self.device, face=face, face_people_only=people_only)
         return self._scorers[metric_models]
 
     def segmenter(self, seg_cfg):

@@ -2,8 +2,9 @@
 
 The paper's method: class word → Grounding DINO boxes → the best box → SAM mask. We run both with
 transformers (`GroundingDinoForObjectDetection`, `SamModel`); the ids are configurable. When those
-weights cannot be had (offline, no cache), an OpenCV GrabCut fallback needs no weights at all: it is
-seeded with a box around a detected face grown to the body for people, or a central box otherwise.
+weights cannot be had (offline, no cache), an OpenCV GrabCut fallback needs no segmentation weights: for
+people it is seeded from the detected face and its landmarks (dlib, the `[faces]` extra; OpenCV's Haar
+cascade without it), with the head and body box around them; otherwise from a central box.
 Masks are (H, W) bool arrays, True on the subject.
 """
 
@@ -15,15 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .faces import is_person
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM = "facebook/sam-vit-base"
 SEGMENTERS = ("auto", "grounded-sam", "grabcut")
-# class words for which the GrabCut fallback looks for a face first
-PERSON_WORDS = frozenset(
-    "person man woman boy girl child kid baby people human lady guy gentleman teenager player actor actress".split()
-)
 
 
 @dataclass(frozen=True)
@@ -121,39 +120,90 @@ def haar_face_detector():
     return detect
 
 
-def grabcut_mask(image: np.ndarray, class_word: str, face_detector="bundled", iterations: int = 5) -> Segmentation:
-    """The weight-free fallback: GrabCut seeded with a face box grown to the body (people) or a central box.
+def bundled_face_detector():
+    """The GrabCut fallback's face detector: dlib's HOG with landmark boxes (the `[faces]` extra), else
+    OpenCV's Haar cascade, else None."""
+    from .faces import FaceFinder, missing_packages
 
-    `image` is (H, W, 3) uint8 RGB. `face_detector` is a callable `rgb -> [boxes]`, None (no face
-    search), or "bundled" (OpenCV's Haar cascade when this OpenCV ships it).
+    return haar_face_detector() if missing_packages() else FaceFinder("hog", max_side=2048)
+
+
+def face_seed(face, width: int, height: int) -> np.ndarray:
+    """GrabCut's starting labels for a person, from the face box and its landmarks.
+
+    Sure background outside `box_to_body`; inside it, probable foreground on a head box (the face grown
+    for hair) and a body box (below the chin, shoulders 3.5 faces wide), probable background beside the
+    head; sure foreground on the face around its landmarks (eyes and nose).
+    """
+    import cv2
+
+    fx0, fy0, fx1, fy1 = face.box
+    side = face.side
+    labels = np.full((height, width), cv2.GC_BGD, np.uint8)
+    x0, y0, x1, y1 = box_to_body(tuple(int(round(v)) for v in face.box), width, height)
+    labels[y0:y1, x0:x1] = cv2.GC_PR_BGD
+    head = (fx0 - 0.2 * side, fy0 - 0.5 * side, fx1 + 0.2 * side, fy1 + 0.2 * side)
+    cx = (fx0 + fx1) / 2
+    body = (cx - 1.75 * side, fy1 + 0.2 * side, cx + 1.75 * side, height)
+    for bx0, by0, bx1, by1 in (head, body):
+        bx0, by0 = max(x0, int(round(bx0))), max(y0, int(round(by0)))
+        labels[by0 : min(y1, int(round(by1))), bx0 : min(x1, int(round(bx1)))] = cv2.GC_PR_FGD
+    pts = np.asarray(face.landmarks)
+    centre = (int(round(pts[:, 0].mean())), int(round((pts[:, 1].mean() + pts[4, 1]) / 2)))  # around the nose
+    axes = (max(1, int(round(0.25 * side))), max(1, int(round(0.3 * side))))
+    cv2.ellipse(labels, centre, axes, 0, 0, 360, int(cv2.GC_FGD), -1)
+    return labels
+
+
+def grabcut_mask(image: np.ndarray, class_word: str, face_detector="bundled", iterations: int = 5, faces=None) -> Segmentation:
+    """The weight-free fallback: GrabCut seeded from the face for people, or from a central box.
+
+    `image` is (H, W, 3) uint8 RGB. `face_detector` is a callable `rgb -> [faces]` (`faces.Face`s or
+    (x0, y0, x1, y1) boxes), None (no face search), or "bundled" (`bundled_face_detector`); `faces`,
+    when given, are the faces already found in the image. The largest face is the person: with its
+    landmarks (dlib) GrabCut starts from `face_seed`, else from the face box grown to the body.
     """
     import cv2
 
     h, w = image.shape[:2]
+    if min(h, w) < 3:  # OpenCV asserts: GrabCut needs background pixels on every side of its box
+        raise ValueError(f"an image of {w}×{h} pixels is too small for GrabCut (at least 3×3)")
+    person = is_person(class_word)
     if face_detector == "bundled":
-        face_detector = haar_face_detector() if class_word.lower() in PERSON_WORDS else None
+        face_detector = bundled_face_detector() if person and faces is None else None
     method, note = "grabcut-center", ""
-    box = central_box(w, h)
-    if class_word.lower() in PERSON_WORDS:
-        faces = face_detector(image) if face_detector is not None else []
+    box, seed = central_box(w, h), None
+    if person:
+        if faces is None:
+            faces = face_detector(image) if face_detector is not None else []
         if faces:
-            face = max(faces, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-            box, method = box_to_body(face, w, h), "grabcut-face"
+            face = max(faces, key=lambda f: _area(getattr(f, "box", f)))
+            box = box_to_body(tuple(int(round(v)) for v in getattr(face, "box", face)), w, h)
+            method = "grabcut-face"
+            if getattr(face, "landmarks", None) is not None:
+                seed = face_seed(face, w, h)
         else:
-            note = "no face found" if face_detector is not None else "no face detector in this OpenCV build"
+            note = "no face found" if face_detector is not None or faces is not None else "no face detector in this OpenCV build"
     x0, y0, x1, y1 = box
     if x1 - x0 < 2 or y1 - y0 < 2 or (x0, y0, x1, y1) == (0, 0, w, h):
         box = x0, y0, x1, y1 = central_box(w, h)  # GrabCut needs some background outside the box
-    gc = np.zeros((h, w), np.uint8)
+        if seed is not None:
+            seed[:, :x0], seed[:, x1:], seed[:y0], seed[y1:] = cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD
+    gc = np.zeros((h, w), np.uint8) if seed is None else seed
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(0)  # GrabCut's GMM initialisation is random; masks must be reproducible
-    cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), gc, (x0, y0, x1 - x0, y1 - y0), bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
+    mode = cv2.GC_INIT_WITH_RECT if seed is None else cv2.GC_INIT_WITH_MASK
+    cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), gc, (x0, y0, x1 - x0, y1 - y0), bgd, fgd, iterations, mode)
     mask = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
     if not mask.any():
         mask = np.zeros((h, w), bool)
         mask[y0:y1, x0:x1] = True
         note = (note + "; " if note else "") + "GrabCut found nothing, using the box"
     return Segmentation(fill_small_holes(mask, 0.01), method, box=(x0, y0, x1, y1), note=note)
+
+
+def _area(box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
 
 
 class GroundedSam:
@@ -170,7 +220,9 @@ class GroundedSam:
         import torch
         from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
 
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from .models import pick_device
+
+        device = pick_device(cfg.device)
         loaded = []
         for what, name, model_cls, proc_cls in (
             ("--detector", cfg.detector, GroundingDinoForObjectDetection, AutoProcessor),
@@ -249,44 +301,45 @@ class Segmenter:
                 self.status = f"GrabCut fallback, Grounding DINO/SAM not available: {e}"
                 log.info("%s", self.status)
 
-    def __call__(self, image, class_word: str) -> Segmentation:
-        """`image` is a PIL RGB image."""
+    def __call__(self, image, class_word: str, faces=None) -> Segmentation:
+        """`image` is a PIL RGB image; `faces`, the faces already found in it (for the GrabCut fallback)."""
         rgb = np.asarray(image.convert("RGB"))
         if self.grounded is not None:
             seg = self.grounded(image, class_word)
             if seg is not None:
                 return seg
-            fallback = grabcut_mask(rgb, class_word)
+            fallback = grabcut_mask(rgb, class_word, faces=faces)
             note = f"Grounding DINO found no {class_word!r} above {self.cfg.box_threshold}; GrabCut fallback"
             note += f" ({fallback.note})" if fallback.note else ""
             return Segmentation(fallback.mask, fallback.method, fallback.box, note=note)
-        return grabcut_mask(rgb, class_word)
+        return grabcut_mask(rgb, class_word, faces=faces)
 
 
-def read_user_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+def read_user_mask(path: str | Path, size: tuple[int, int], working_size: tuple[int, int] | None = None) -> np.ndarray:
     """A user's mask image as (H, W) bool: white (> 127) is the subject; its alpha if it has transparency.
 
-    `size` is the reference image's (width, height); a mask of another size is an error naming the file.
+    `size` is the reference photo's (width, height); a mask of another size is an error naming the file.
+    `working_size`: the photo was downscaled on load to this size, and the mask is too.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
+
+    from .video import open_image
 
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"--masks: {str(path)!r} is not a readable image ({e})") from None
-    if im.size != tuple(size):
+    im = open_image(path, "--masks: mask", max_side=max(working_size) if working_size else None)
+    source = im.info["source_size"]
+    if tuple(source) != tuple(size):
         raise ValueError(
-            f"--masks: {str(path)!r} is {im.size[0]}x{im.size[1]} but its image is {size[0]}x{size[1]}; "
+            f"--masks: {str(path)!r} is {source[0]}x{source[1]} but its image is {size[0]}x{size[1]}; "
             "a mask must have its image's size"
         )
     if im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema()[0] < 255:
-        arr = np.asarray(im.getchannel("A"))
+        im = im.getchannel("A")
     else:
-        arr = np.asarray(im.convert("L"))
-    mask = arr > 127
+        im = im.convert("L")
+    if working_size and im.size != tuple(working_size):
+        im = im.resize(tuple(working_size), Image.BILINEAR)
+    mask = np.asarray(im) > 127
     if not mask.any():
         raise ValueError(f"--masks: {str(path)!r} is empty (no white pixels); the subject must be white")
     return mask

@@ -23,14 +23,17 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .evaluate import MetricModels, load_reference_images
+from .checks import safe_name
+from .evaluate import FACE_SCORES, MetricModels, face_score_config, load_reference_images
+from .faces import missing_packages
 from .identity import IdentityInfo, check_prompt_tokens, read_identity_info
 from .models import ModelSpec, fingerprint
+from .outputs import write_text
+from .records import check_value
 from .speed import SpeedOptions
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ class SuiteConfig:
     width: int | None = None
     models: ModelSpec = field(default_factory=ModelSpec)
     metrics: MetricModels = field(default_factory=MetricModels)
+    face_score: str = "auto"  # face identity: auto = dlib's descriptor for people, when installed; on; off
     face_model: str | None = None  # SFace .onnx (cv2.FaceRecognizerSF)
     face_detector: str | None = None  # YuNet .onnx (cv2.FaceDetectorYN)
     video_format: str = "mp4"
@@ -95,6 +99,10 @@ class SuiteConfig:
             raise ValueError(f"video_format must be one of {', '.join(VIDEO_FORMATS)}, got {self.video_format!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seed values must be distinct, got {self.seeds}")
+        if self.face_score not in FACE_SCORES:
+            raise ValueError(f"--face-score must be one of {', '.join(FACE_SCORES)}, got {self.face_score!r}")
+        if self.face_score == "on" and self.face_model is None and missing_packages():
+            raise ValueError(f"--face-score on needs dlib's face models: {missing_packages()}")
         if (self.face_model is None) != (self.face_detector is None):
             raise ValueError("--face-model and --face-detector go together (SFace recogniser + YuNet detector .onnx)")
         for arg, path in (("--face-model", self.face_model), ("--face-detector", self.face_detector)):
@@ -149,10 +157,10 @@ class SuiteConfig:
                 gen["dtype"] = str(wan_dtype(spec, device)).removeprefix("torch.")
         elif spec.base != "tiny":
             models["motion_adapter"] = fingerprint(spec.adapter_name())
-        for key in ("face_model", "face_detector"):
-            if gen[key]:
-                gen[key] = fingerprint(gen[key])
-        metrics = {"clip": fingerprint(self.metrics.clip), "dino": fingerprint(self.metrics.dino)}
+        for key in ("face_score", "face_model", "face_detector"):
+            del gen[key]
+        metrics = {"clip": fingerprint(self.metrics.clip), "dino": fingerprint(self.metrics.dino),
+                   **face_score_config(self.face_score, self.face_model, self.face_detector)}
         return json.loads(json.dumps({**gen, "models": models, "metrics": metrics}, default=str))
 
 
@@ -237,6 +245,7 @@ def load_suite(path: str | Path, backbone_entry: str | None = None, **overrides)
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ValueError(f"--subjects {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+    doc = _check_types(doc, path)
     subjects = [_subject(entry, i, root, path, backbone_entry) for i, entry in enumerate(doc["subjects"])]
     plain = {k: doc[k] for k in _PLAIN_KEYS if k in doc}
     if "seeds" in plain:
@@ -252,30 +261,47 @@ def load_suite(path: str | Path, backbone_entry: str | None = None, **overrides)
     return cfg
 
 
+def _check_types(doc: dict, path: Path) -> dict:
+    """Every top-level value checked against the field that will hold it, before any model loads."""
+    import typing
+
+    hints = {k: typing.get_type_hints(SuiteConfig)[k] for k in _PLAIN_KEYS}
+    hints["seeds"] = int | list[int]  # one seed or a list
+    hints |= {k: typing.get_type_hints(ModelSpec)[v] for k, v in _MODEL_KEYS.items()}
+    hints |= {k: typing.get_type_hints(MetricModels)[v] for k, v in _METRIC_KEYS.items()}
+    hints |= {k: typing.get_type_hints(SpeedOptions)[v] for k, v in _SPEED_KEYS.items()}
+    return {k: v if k == "subjects" else check_value(v, hints[k], f"--subjects {str(path)!r}: {k}") for k, v in doc.items()}
+
+
 def _subject(entry, i: int, root: Path, path: Path, backbone_entry: str | None = None) -> Subject:
     if not isinstance(entry, dict):
         raise ValueError(f"--subjects {str(path)!r}: subject #{i + 1} must be a mapping")
     unknown = sorted(set(entry) - _SUBJECT_KEYS)
     missing = sorted({"identity", "references", "prompts"} - set(entry))
-    name = str(entry.get("name") or f"subject{i + 1}")
+    name = entry.get("name") or f"subject{i + 1}"
+    where = f"--subjects: subject {name!r}"
     if unknown or missing:
-        raise ValueError(f"--subjects: subject {name!r}: " + (f"unknown keys {unknown}" if unknown else f"missing {missing}"))
+        raise ValueError(f"{where}: " + (f"unknown keys {unknown}" if unknown else f"missing {missing}"))
+    safe_name(name, f"{where}: name")  # it names the subject's folder of videos
     prompts = entry["prompts"]
     if isinstance(prompts, str) or not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"--subjects: subject {name!r}: prompts must be a list of non-empty strings")
+        raise ValueError(f"{where}: prompts must be a list of non-empty strings")
     identity = entry["identity"]
     if isinstance(identity, dict):  # one identity file per backbone entry
         if backbone_entry not in identity:
-            raise ValueError(f"--subjects: subject {name!r}: its identity names backbones {sorted(identity)}, "
-                             f"not {backbone_entry!r}" if backbone_entry else f"--subjects: subject {name!r}: an identity per "
+            raise ValueError(f"{where}: its identity names backbones {sorted(identity, key=str)}, "
+                             f"not {backbone_entry!r}" if backbone_entry else f"{where}: an identity per "
                              "backbone needs a 'backbones:' table")
         identity = identity[backbone_entry]
+    identity = check_value(identity, str | None, f"{where}: identity")
+    references = check_value(entry["references"], str, f"{where}: references")
+    class_word = check_value(entry.get("class_word"), str | None, f"{where}: class_word")
     return Subject(
         name=name,
-        identity=None if identity in (None, "none") else root / str(identity),
-        references=(root / str(entry["references"])),
+        identity=None if identity in (None, "none") else root / identity,
+        references=root / references,
         prompts=tuple(prompts),
-        class_word=str(entry.get("class_word") or ""),
+        class_word=class_word or "",
     )
 
 
@@ -316,6 +342,40 @@ def part_paths(results: Path) -> list[Path]:
     return sorted(results.parent.glob(f"{results.name}.part-*"))
 
 
+RESULTS_HEADER = {"format": "magicme.results/1", "written_by": "magicme evaluate-suite"}
+
+
+def is_results_file(path: Path) -> bool:
+    """A results (or part) file the suite wrote: it starts with the suite's header line, or (files from before
+    the header) every line is a results row but a last one cut short. Only such a file is appended to or rewritten."""
+    if not path.exists():
+        return True
+    if not path.is_file():
+        return False
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        return True
+    try:
+        if json.loads(lines[0]) == RESULTS_HEADER:
+            return True
+    except ValueError:
+        pass
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines) - 1:  # the last line of a write cut short
+                continue
+            return False
+        if not (isinstance(row, dict) and {"subject", "prompt", "seed", "config_id"} <= set(row)):
+            return False
+    return True
+
+
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of a results (or part) file; a line cut short by an interruption is skipped with a warning."""
     path = Path(path)
@@ -330,6 +390,8 @@ def read_rows(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             log.warning("%s:%d: skipping an incomplete row (an interrupted write); its video is redone", path, n)
             continue
+        if row == RESULTS_HEADER:
+            continue
         if isinstance(row, dict) and {"subject", "prompt", "seed", "config_id"} <= set(row):
             rows.append(row)
         else:
@@ -338,9 +400,12 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row durably (flushed and fsynced), after mending a line cut short by a crash."""
+    """Append one row durably (flushed and fsynced), after mending a line cut short by a crash; a new file
+    starts with the suite's header line."""
     with open(path, "ab") as fh:
-        if fh.tell() > 0:
+        if fh.tell() == 0:
+            fh.write((json.dumps(RESULTS_HEADER, sort_keys=True) + "\n").encode())
+        else:
             with open(path, "rb") as rd:
                 rd.seek(-1, os.SEEK_END)
                 if rd.read(1) != b"\n":
@@ -383,15 +448,9 @@ def merge_results(results: Path) -> int:
                 continue
             seen.add(row_key(row))
             rows.append(row)
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in [RESULTS_HEADER, *rows])
     if parts or duplicates or (results.exists() and results.read_text() != text):
-        fd, tmp = tempfile.mkstemp(prefix=f".{results.name}.", dir=results.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, results)
+        write_text(results, text)
         for p in parts:  # only after the merged file is in place: a crash here leaves duplicates, never a loss
             p.unlink()
     return len(rows)
@@ -504,9 +563,9 @@ def run_suite(cfg: SuiteConfig, results: str | Path, *, videos: str | Path | Non
     results = Path(results)
     if results.suffix != ".jsonl":
         raise ValueError(f"--results {str(results)!r} must end in .jsonl")
-    if not results.parent.is_dir():
-        raise FileNotFoundError(f"--results {str(results)!r}: folder {str(results.parent)!r} does not exist")
     cfg.check()
+    videos = Path(videos) if videos else results.with_name(results.name + ".videos")
+    check_outputs(cfg, results, videos)
     with results_lock(results, _process_state(device)):
         return _run_suite(cfg, results, videos=videos, quiet=quiet, device=device)
 
@@ -516,13 +575,14 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
 
     from tqdm import tqdm
 
-    from .evaluate import Scorer, face_embedder
+    from .evaluate import Scorer, resolve_face_score
+    from .faces import is_person
     from .generate import generate_video, run_record
     from .models import load_pipeline
+    from .video import read_video, write_video
     from .wan_generate import wan_suite_video
-    from .video import read_video, write_sidecar, write_video
 
-    videos = Path(videos) if videos else results.with_name(results.name + ".videos")
+    videos = Path(videos)
     state = _process_state(device)
     dev = device or state.device
     configuration = cfg.configuration(dev)
@@ -538,8 +598,9 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
     if mine:
         pipe = load_pipeline(cfg.models, device=dev)
         pipe.set_progress_bar_config(disable=True)
-        face = face_embedder(cfg.face_model, cfg.face_detector)
-        scorer = Scorer(cfg.metrics, device=dev, face=face)
+        people = any(is_person(s.class_word or (s.info().class_word if s.identity else "")) for s in cfg.subjects)
+        face, people_only = resolve_face_score(cfg.face_score, cfg.face_model, cfg.face_detector, people=people)
+        scorer = Scorer(cfg.metrics, device=dev, face=face, face_people_only=people_only)
         loaded: dict[str, Path] = {}
         wan = cfg.models.resolved_backbone() == "wan"
         if wan:
@@ -563,8 +624,7 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
             tag = hashlib.sha256(job.prompt.encode()).hexdigest()[:8]  # an edited prompt list never overwrites a kept clip
             clip = videos / s.name / f"p{job.prompt_index:03d}_{tag}_s{job.seed}.{cfg.video_format}"
             clip.parent.mkdir(parents=True, exist_ok=True)
-            write_video(frames, clip)
-            write_sidecar(clip, record)
+            write_video(frames, clip, record=record)
             frames = read_video(clip)  # score the clip as saved (codec and all), as `magicme evaluate` on it would
             class_word = (s.class_word or info.class_word) if info else s.class_word
             token = info.token if info else None
@@ -583,6 +643,34 @@ def _run_suite(cfg: SuiteConfig, results: Path, *, videos: str | Path | None, qu
     return SuiteRun(results, state.process_index, state.num_processes, len(mine), len(read_rows(results)))
 
 
+def check_outputs(cfg: SuiteConfig, results: Path, videos: Path) -> None:
+    """Before any work: the results file and its part files are new or the suite's own, neither is an input,
+    and the videos folder holds only clips magicme wrote where this run writes (its clip names)."""
+    from .outputs import check_output, check_writable
+    from .video import is_own_video
+
+    inputs = [(f"subject {s.name!r} identity", s.identity) for s in cfg.subjects if s.identity]
+    inputs += [(f"subject {s.name!r} references", s.references) for s in cfg.subjects]
+    for path in [results, *part_paths(results)]:
+        if not is_results_file(path):
+            raise FileExistsError(
+                f"--results {str(path)!r} exists and is not a magicme results file (no header line of the suite, "
+                "and lines that are not results rows); name a new file"
+            )
+    check_output(results, arg="--results", owned=is_results_file, inputs=inputs, record=False)
+    lock = results.with_name(results.name + ".lock")
+    if lock.is_file() and not lock.read_bytes().startswith(b"pid "):  # ours hold "pid N on HOST"
+        raise FileExistsError(f"--results: {str(lock)!r} exists and is not a lock file of the suite; move it away")
+    check_output(videos, arg="--videos", folder=True, owned=lambda p: True, inputs=inputs, record=False)
+    for s in cfg.subjects:
+        folder = videos / s.name
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"--videos: {str(folder)!r} is a file, but subject {s.name!r}'s clips go there; move it away")
+        foreign = [p for p in folder.glob("p*_s*.*") if p.suffix != ".json" and not is_own_video(p)] if folder.is_dir() else []
+        if foreign:
+            raise FileExistsError(f"--videos: {str(foreign[0])!r} was not written by magicme; move it away")
+        if folder.is_dir():
+            check_writable(folder, "--videos", folder)
 def backbone_paths(results: str | Path, videos: str | Path | None, name: str) -> tuple[Path, Path | None]:
     """(results file, videos folder) of one `backbones:` entry: `results.<name>.jsonl` and `videos/<name>`."""
     results = Path(results)

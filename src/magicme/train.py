@@ -15,10 +15,7 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import MAX_SEED
 from .identity import IdentityInfo, check_resume_compatible, save_identity, token_pattern
-from .models import TINY, ModelSpec, load_base, tiny_components
+from .models import TINY, ModelSpec, load_base, pick_device, tiny_components
+from .outputs import atomic_folder, check_output, check_writable, writing
 from .prepare import AugmentConfig, augment, load_identity_set, read_manifest
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,9 @@ TEMPLATES = (
     "a photo of the large {}",
 )
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+CLIP_CONTEXT = 77  # tokens the CLIP text encoder reads, start and end included
+MAX_BATCH = 1024  # a step's batch is decoded into memory at once: 1024 × 512² × 3 floats = 3 GiB
+CHECKPOINT_FILES = {"identity.safetensors", "state.safetensors", "state.json", "validation.png"}
 
 
 @dataclass
@@ -79,41 +81,49 @@ class TrainConfig:
     models: ModelSpec = field(default_factory=ModelSpec)
 
     def check(self) -> None:
-        """Validate every argument before any model work (ValueError naming the argument)."""
+        """Validate every argument and the inputs and outputs before any model work (ValueError naming the argument)."""
+        self.check_settings()
+        read_manifest(self.data)
+        check_output(self.out, inputs=[("--data", self.data)] + ([("--resume", self.resume)] if self.resume not in (None, "latest") else []))
+        check_checkpoint_dir(self.checkpoints())
+        self.models.check()
+
+    def check_settings(self) -> None:
+        """The settings alone (no file is read): types, ranges, sizes that fit."""
         if not isinstance(self.token, str) or not self.token.strip() or any(c.isspace() for c in self.token):
             raise ValueError(f"--token must be one word without spaces such as '<v*>', got {self.token!r}")
-        for name, value, low in (
-            ("--num-vectors", self.num_vectors, 1),
-            ("--steps", self.steps, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--checkpoint-every", self.checkpoint_every, 0),
-            ("--validation-images", self.validation_images, 0),
-            ("--validation-steps", self.validation_steps, 1),
+        for name, value, low, high in (
+            ("--num-vectors", self.num_vectors, 1, CLIP_CONTEXT - 3),  # start, end and the class word need a place
+            ("--steps", self.steps, 1, None),
+            ("--batch-size", self.batch_size, 1, MAX_BATCH),
+            ("--checkpoint-every", self.checkpoint_every, 0, None),
+            ("--validation-images", self.validation_images, 0, 64),
+            ("--validation-steps", self.validation_steps, 1, 1000),
+            ("--seed", self.seed, 0, MAX_SEED),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+                span = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ValueError(f"{name} must be an integer {span}, got {value!r}")
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or not 1 <= self.micro_batch <= self.batch_size):
             raise ValueError(f"--micro-batch must be in [1, --batch-size], got {self.micro_batch!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
         if not 0 <= self.noise_offset < 1:
             raise ValueError(f"noise_offset must be in [0, 1), got {self.noise_offset!r}")
         if not 0 <= self.full_mask_share <= 1:
             raise ValueError(f"full_mask_share must be in [0, 1], got {self.full_mask_share!r}")
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8):
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.resolution is not None and (
+            not isinstance(self.resolution, int) or not 8 <= self.resolution <= 4096 or self.resolution % 8
+        ):
+            raise ValueError(f"--resolution must be a multiple of 8 in [8, 4096], got {self.resolution!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.class_word is not None and not self.class_word.strip():
             raise ValueError("--class-word must be a non-empty word")
-        out = Path(self.out)
-        if out.suffix != ".safetensors":
-            raise ValueError(f"--out {str(out)!r} must end in .safetensors")
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise FileNotFoundError(f"--out {str(out)!r}: folder {str(parent)!r} does not exist")
-        read_manifest(self.data)
-        self.models.check()
+        if Path(self.out).suffix != ".safetensors":
+            raise ValueError(f"--out {str(self.out)!r} must end in .safetensors")
 
     def checkpoints(self) -> Path:
         out = Path(self.out)
@@ -152,10 +162,26 @@ def expand_prompt(prompt: str, token: str, num_vectors: int) -> str:
 
 # ---- the extended ID tokens ----
 
+def max_num_vectors(tokenizer, class_word: str) -> int:
+    """How many ID tokens fit the text encoder's context beside the longest training prompt's other words."""
+    from .prepare import CLOSE_WORDS, FAR_WORDS
+
+    others = max(
+        len(tokenizer(f"{t.format(class_word)}, {w}").input_ids) for t in TEMPLATES for w in (*FAR_WORDS, *CLOSE_WORDS)
+    )
+    return tokenizer.model_max_length - others
+
+
 class IdTokens:
     """K trainable token embeddings wired into a frozen CLIP text encoder by a forward hook."""
 
     def __init__(self, tokenizer, text_encoder, token: str, num_vectors: int, class_word: str):
+        limit = max_num_vectors(tokenizer, class_word)
+        if num_vectors > limit:
+            raise ValueError(
+                f"--num-vectors {num_vectors}: at most {limit} ID tokens fit the text encoder's "
+                f"{tokenizer.model_max_length}-token prompts beside 'a photo of a … {class_word}'"
+            )
         vocab = tokenizer.get_vocab()
         self.tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
         # a word of the vocabulary (CLIP stores whole words with "</w>") would be shadowed in every prompt
@@ -432,21 +458,16 @@ class IdTrainer:
 
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"step-{self.step_done:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
-        try:
+        if dest.exists() and not is_checkpoint(dest):
+            raise FileExistsError(f"checkpoint {str(dest)!r} exists and is not a magicme checkpoint; move it away")
+        check_finite_trainables(self.trainables(), f"checkpoint {str(dest)!r}")
+        with atomic_folder(dest) as tmp:
             self.write_identity(tmp / "identity.safetensors", self.step_done)
             save_file(self.state_tensors(), str(tmp / "state.safetensors"))
             record = self.state_record() | {"grad_scaler": self.scaler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
             if validation and self.cfg.validation_images:
                 self.validation_frames(progress).save(tmp / "validation.png")
-            os.chmod(tmp, 0o755)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.saved = dest
         return dest
 
@@ -464,12 +485,8 @@ class IdTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore the ID vectors, AdamW's moments and the step; refuse a checkpoint of another identity/base."""
-        from safetensors.torch import load_file
-
+        record, tensors = read_checkpoint(path)
         record_path = path / "state.json"
-        if not record_path.is_file() or not (path / "state.safetensors").is_file():
-            raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
-        record = json.loads(record_path.read_text())
         saved = IdentityInfo.from_metadata(record["identity"], record_path)
         base = json.loads(json.dumps(self.cfg.models.base_fingerprint()))  # as the record stores it (tuples → lists)
         check_resume_compatible(record_path, saved, self.identity_info(0), record["base"], base)
@@ -477,16 +494,19 @@ class IdTrainer:
         changed = {k: (v, wanted[k]) for k, v in record["settings"].items() if wanted.get(k) != v}
         if changed:
             log.warning("--resume %s: settings differ from the checkpoint's, so the run will not match an uninterrupted one: %s", path, changed)
-        tensors = load_file(str(path / "state.safetensors"))
         self.loss_start = record.get("loss_start")
         if self.loss_start is None:  # a checkpoint from before it was kept: the vectors are still the run's start
             self.loss_start = self.evaluation_loss()
         adam = {}
         for i, (name, param) in enumerate(self.trainables().items()):
-            with torch.no_grad():
-                param.copy_(tensors[name].to(param.device))
             prefix = self._adam_prefix(name)
             moments = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            for key, t in [(name, tensors.get(name)), *((prefix + k, v) for k, v in moments.items() if k != "step")]:
+                if t is None or tuple(t.shape) != tuple(param.shape):
+                    got = "nothing" if t is None else f"shape {tuple(t.shape)}"
+                    raise ValueError(f"--resume {str(path)!r}: state.safetensors holds {got} for {key}, expected shape {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensors[name].to(param.device))
             if moments:
                 adam[i] = {k: v.to(self.device) if k != "step" else v for k, v in moments.items()}
         if adam:
@@ -544,10 +564,73 @@ class TrainResult:
 
 
 def latest_checkpoint(folder: Path) -> Path:
-    found = sorted(p for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+    found = sorted(p for p in folder.glob("step-*") if is_checkpoint(p)) if folder.is_dir() else []
     if not found:
         raise FileNotFoundError(f"--resume: no checkpoint in {str(folder)!r}")
     return found[-1]
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A folder `save_checkpoint` wrote: its state record, and nothing but its own files."""
+    return (
+        path.is_dir() and (path / "state.json").is_file()
+        and all(p.name in CHECKPOINT_FILES for p in path.iterdir())
+    )
+
+
+def check_checkpoint_dir(folder: Path) -> None:
+    """The checkpoint folder must be new, or hold only checkpoints (any step may be rewritten), and be writable."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileExistsError(f"checkpoint folder {str(folder)!r} is a file; move it away or choose another --out")
+        foreign = [p.name for p in folder.glob("step-*") if not is_checkpoint(p)]
+        if foreign:
+            raise FileExistsError(f"checkpoint folder {str(folder)!r} holds {foreign[0]!r}, which is not a magicme checkpoint; move it away")
+        check_writable(folder, "checkpoint folder", folder)
+    else:  # made with its parents when the first checkpoint is saved
+        above = next(p for p in folder.parents if p.exists())
+        if not above.is_dir():
+            raise FileExistsError(f"checkpoint folder {str(folder)!r}: {str(above)!r} is a file")
+        check_writable(above, "checkpoint folder", folder)
+
+
+def check_finite_trainables(trainables: dict[str, torch.Tensor], what: str) -> None:
+    """NaN/inf vectors (a diverged run) are never written: every frame made with them would be black."""
+    if not all(torch.isfinite(p).all() for p in trainables.values()):
+        raise ValueError(f"{what}: the trained values are not finite (NaN/inf): training diverged; lower --lr")
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint's state record and tensors, checked; a malformed one is one ValueError naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
+        raise FileNotFoundError(f"--resume {str(path)!r} is not a checkpoint folder (no state.json/state.safetensors)")
+    try:
+        record = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        for key, kind in (("step", int), ("identity", dict), ("base", dict), ("settings", dict)):
+            if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+                raise ValueError(f"{key!r} must be a {kind.__name__}")
+        if record["step"] < 1:
+            raise ValueError(f"step {record['step']} is not a step a checkpoint is saved at")
+        IdentityInfo.from_metadata(record["identity"], path / "state.json")
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"--resume {str(path)!r}: state.json is malformed ({e})") from None
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"--resume {str(path)!r}: state.safetensors is not readable ({str(e).splitlines()[0]})") from None
+    emb = tensors.get("id_embeddings")
+    if record["identity"].get("form", "tokens") == "tokens" and (
+        emb is None or emb.ndim != 2 or emb.shape[0] != int(record["identity"].get("num_vectors", -1))
+    ):
+        raise ValueError(f"--resume {str(path)!r}: state.safetensors holds no ID vectors matching its state.json")
+    if not all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point()):
+        raise ValueError(f"--resume {str(path)!r}: state.safetensors holds NaN/inf values")
+    return record, tensors
 
 
 def train(
@@ -595,7 +678,8 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
         resume = latest_checkpoint(cfg.checkpoints()) if str(cfg.resume) == "latest" else Path(cfg.resume)
         if not resume.is_dir():
             raise FileNotFoundError(f"--resume {str(resume)!r} is not a checkpoint folder")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        read_checkpoint(resume)  # a malformed checkpoint fails before any model loads
+    dev = pick_device(device)
     amp = autocast_dtype(dev, cfg.mixed_precision)
     parts = (load_training_components(cfg.models, dev, amp or torch.float32, base_parts=components) if components is not None
              else trainer_class.load_components(cfg.models, dev, amp or torch.float32))
@@ -623,9 +707,27 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
                 trainer.save_checkpoint(ckpt_dir, progress=not bar.disable)
                 bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
+        check_finite_trainables(trainer.trainables(), f"--out {str(cfg.out)!r}")
         loss_end = trainer.evaluation_loss()
         info = trainer.identity_info(cfg.steps)
-        path = trainer.write_identity(cfg.out, cfg.steps)
+        record = {
+            "task": "train",
+            "identity": info.metadata(),
+            "data": str(Path(cfg.data).resolve()),
+            "data_sha256": content_hash(cfg.data),
+            "segmentation": manifest.get("segmentation", ""),
+            "loss_start": loss_start,
+            "loss_end": loss_end,
+            "models": {"base": cfg.models.base_fingerprint()} | cfg.models.formats_record(),
+            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
+            | {"resolution": resolution, "class_word": class_word},
+            "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
+            "device": str(dev),
+            "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),  # for --from-record
+        }
+        with writing(cfg.out):  # a kill between the two writes leaves no record of another identity
+            path = trainer.write_identity(cfg.out, cfg.steps)
+            write_sidecar(path, record)
     except KeyboardInterrupt:
         bar.close()
         if trainer.step_done > 0:
@@ -633,21 +735,5 @@ def _train(cfg: TrainConfig, *, quiet: bool, device: str | None, step_callback, 
                 trainer.save_checkpoint(ckpt_dir, validation=False)
             print(f"magicme train: interrupted after step {trainer.step_done}; checkpoint {trainer.saved} (continue with --resume)", file=sys.stderr)
         raise
-    record = {
-        "task": "train",
-        "identity": info.metadata(),
-        "data": str(Path(cfg.data).resolve()),
-        "data_sha256": content_hash(cfg.data),
-        "segmentation": manifest.get("segmentation", ""),
-        "loss_start": loss_start,
-        "loss_end": loss_end,
-        "models": {"base": cfg.models.base_fingerprint()} | cfg.models.formats_record(),
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "data", "out", "checkpoint_dir", "resume")}
-        | {"resolution": resolution, "class_word": class_word},
-        "dtype": dtype_name(amp or torch.float32),  # what the frozen UNet/VAE ran in (the ID vectors are fp32)
-        "device": str(dev),
-        "config": to_jsonable(absolute_paths(replace(cfg, resume=None, checkpoint_dir=None))),  # for --from-record
-    }
-    write_sidecar(path, record)
     trainer.release()
     return TrainResult(path, path.stat().st_size, cfg.steps, loss_start, loss_end, ckpt_dir, manifest.get("segmentation", ""))

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from .checks import check_number
 from .esrgan import load_rrdbnet
 from .models import TINY, ModelNotFoundError, ModelSpec, TinyPreset, _resolve, fingerprint
 from .progress import denoising_steps, progress_bar, step_counter
@@ -32,10 +33,11 @@ from .v2v import (
     stage_dtype,
     read_input_video,
     resize_frames,
+    stage_inputs,
     stage_record,
     video_pipeline,
 )
-from .video import check_output_path, write_sidecar, write_video
+from .video import check_clip_size, check_output_path, write_video
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +234,7 @@ class UpscaleConfig:
             raise ValueError(f"--tile-batch must be an integer >= 1, got {self.tile_batch!r}")
         if is_wan_spec(self.models) and self.controlnet not in (None, NO_CONTROLNET):
             raise ValueError("--controlnet: ControlNet Tile exists for SD-1.5 only; on Wan the tiles are restored without it (leave --controlnet out)")
-        if not self.controlnet_scale >= 0:
-            raise ValueError(f"--controlnet-scale must be >= 0, got {self.controlnet_scale!r}")
+        check_number("--controlnet-scale", self.controlnet_scale, low=0)
         name = self.controlnet_name()
         if name not in (None, TINY):  # the default too: a bad ControlNet is named before the base model loads
             check_controlnet(name)
@@ -276,9 +277,10 @@ def tiled_vcd(
     `step_callback` is passed to every denoising call as `callback_on_step_end`.
     """
     cfg.check()
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=stage_inputs(cfg, video) + ([("--upscaler", cfg.upscaler)] if cfg.upscaler else []))
     frames = read_input_video(video)
     cfg.check_frame(*frames.shape[1:3], pipe=pipe)
+    check_clip_size(len(frames), frames.shape[1] * cfg.scale, frames.shape[2] * cfg.scale, f"--scale {cfg.scale} output")
     upscaler = load_rrdbnet(cfg.upscaler) if cfg.upscaler else None  # a bad weight file fails before the big models load
     name = cfg.controlnet_name()
     controlnet = load_controlnet(name, dtype=stage_dtype(cfg.models, pipe, device)) if name else None  # before the base, too
@@ -312,7 +314,6 @@ def tiled_vcd(
 
     with bar:
         result = tiled_map(upscaled, restore, tile, overlap, cfg.tile_batch, multiple)
-    write_video(result, out, fps=cfg.fps)
     extra = {
         "tile": tile,
         "tile_size": list(tile_grid(*upscaled.shape[1:3], tile, overlap, multiple)[0]),
@@ -323,5 +324,5 @@ def tiled_vcd(
            if is_wan_spec(cfg.models) else {}),
         "upscaler_model": fingerprint(cfg.upscaler) if cfg.upscaler else "lanczos",
     }
-    write_sidecar(out, stage_record("upscale", cfg, video, frames.shape, pipe=pipe, **extra))
+    write_video(result, out, fps=cfg.fps, record=stage_record("upscale", cfg, video, frames.shape, pipe=pipe, **extra))
     return out

@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_number, check_seed
 from .generate import check_gamma_arg
-from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info
+from .identity import check_prompt_length, check_prompt_tokens, identity_record, load_identities, read_identity_info, split_spec
 from .long_video import plan_windows, windowed
 from .models import TINY, ModelSpec, check_motion_frames, fingerprint, load_pipeline, native_resolution
 from .noise_prior import correlate_frames
 from .progress import denoising_steps, progress_bar, step_counter
 from .records import absolute_paths, content_hash, runtime_record, to_jsonable
-from .video import check_output_path, read_video, write_sidecar, write_video
+from .video import check_output_path, read_video, write_video
 
 
 def check_strength(strength: float, name: str = "--strength") -> float:
@@ -246,14 +247,17 @@ def check_common(cfg) -> None:
     check_gamma_arg(cfg.gamma)
     if not isinstance(cfg.fps, int) or cfg.fps < 1:
         raise ValueError(f"--fps must be an integer >= 1, got {cfg.fps!r}")
-    if not cfg.guidance >= 0:
-        raise ValueError(f"--guidance must be >= 0, got {cfg.guidance!r}")
+    check_number("--guidance", cfg.guidance, low=0)
+    check_seed(cfg.seed)
     cfg.models.check()
     if isinstance(cfg.context, int) and not is_wan_spec(cfg.models):  # Wan has no motion module's frame table
         cfg.models.check_frames(cfg.context, "--context")
     check_prompt_tokens([cfg.prompt], [read_identity_info(p) for p in cfg.identities])
 
 
+def stage_inputs(cfg, video: str | Path) -> list[tuple[str, str | Path]]:
+    """What a V2V stage reads, which its output must not be or hold: the clip and the identity files."""
+    return [("--video", video)] + [("--identity", split_spec(p)[0]) for p in cfg.identities]
 def is_wan_spec(spec: ModelSpec) -> bool:
     return spec.resolved_backbone() == "wan"
 
@@ -331,7 +335,7 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
     SD; 16 on Wan) and resized back, so the output has the input's frame count and size.
     """
     cfg.check()
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=stage_inputs(cfg, video))
     frames = read_input_video(video)
     f, h, w, _ = frames.shape
     if h < 8 or w < 8:  # 8: every SD-family VAE's scale; checked again against the loaded one below
@@ -349,8 +353,7 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
             v2v_pipe, clip[None], cfg.prompt, context=cfg.context, strength=cfg.strength, seeds=[cfg.seed], steps=cfg.steps,
             guidance=cfg.guidance, gamma=cfg.gamma, negative_prompt=cfg.negative_prompt, step_callback=step_counter(bar),
         )[0]
-    write_video(resize_frames(result, h, w), out, fps=cfg.fps)
-    write_sidecar(out, stage_record("v2v", cfg, video, frames.shape, pipe=pipe))
+    write_video(resize_frames(result, h, w), out, fps=cfg.fps, record=stage_record("v2v", cfg, video, frames.shape, pipe=pipe))
     return out
 
 

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from .generate import GenerateConfig, output_paths
+from .identity import split_spec
 from .models import TINY, ModelSpec, fingerprint, scheduler_record
 from .noise_prior import latent_noise_prior
-from .video import check_output_path, write_sidecar, write_video
+from .video import check_output_path, write_video
 from .wan import TinyWanPreset, WanDefaults, flow_shift, load_wan_pipeline, wan_latent_shape
 from .wan_identity import expand_identity_prompt, load_wan_identities
 
@@ -150,7 +151,8 @@ def generate_wan(
     """Run T2V VCD on Wan for every prompt × seed in `cfg`, writing each video and its run record; return the paths."""
     check_wan_request(cfg)
     cfg.check()
-    paths = output_paths(check_output_path(out), cfg.jobs_prompts(), cfg.seeds)
+    inputs = [("--identity", split_spec(p)[0]) for p in cfg.identities]
+    paths = [check_output_path(p, inputs=inputs) for p in output_paths(out, cfg.jobs_prompts(), cfg.seeds)]
     height, width = wan_size(cfg)
     if pipe is None:
         pipe = load_wan_pipeline(cfg.models, device=device)
@@ -158,6 +160,6 @@ def generate_wan(
     pipe.set_progress_bar_config(disable=quiet or not sys.stderr.isatty(), leave=False)
     jobs = [(p, s) for p in cfg.jobs_prompts() for s in cfg.seeds]
     for (prompt, seed), path in zip(jobs, paths):
-        write_video(wan_clip(pipe, cfg, prompt, seed, height, width, infos, step_callback), path, fps=cfg.fps)
-        write_sidecar(path, wan_record(pipe, cfg, prompt, seed, height, width, infos))
+        record = wan_record(pipe, cfg, prompt, seed, height, width, infos)
+        write_video(wan_clip(pipe, cfg, prompt, seed, height, width, infos, step_callback), path, fps=cfg.fps, record=record)
     return paths

@@ -8,12 +8,12 @@ pickle that carries code or objects other than tensors and plain containers with
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .outputs import atomic_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -105,18 +105,12 @@ def write_safetensors(path: str | Path, named: dict[str, torch.Tensor], metadata
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_file(path) as tmp:  # a killed write leaves a leftover the next write of `path` removes
+        with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(text)))
             fh.write(text)
             for data in blobs:
                 fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

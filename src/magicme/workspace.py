@@ -665,6 +665,7 @@ class Workspace:
         The metric models load once per `MetricModels` and are reused.
         """
         from .evaluate import evaluate_video
+        from .faces import is_person
 
         with self._job(job) as job:
             path = self.video_path(video)
@@ -676,7 +677,8 @@ class Workspace:
 
         def work(check: Callable[[], None]) -> dict:
             report({"stage": "loading the metric models"})
-            scorer = self.runner.scorer(metric_models)
+            # face identity for people when the [faces] extra is installed
+            scorer = self.runner.scorer(metric_models, people=is_person(record["class_word"]))
             check()
             report({"stage": "scoring"})
             row = evaluate_video(path, images[0].parent, video_prompt(settings), token=token,
