@@ -48,7 +48,7 @@ from .ui_server import launch  # noqa: F401  (the tests and `serve` start the ap
 from .workspace import SHARED, Workspace, Workspaces
 
 TINY_WARNING = ("⚠ **Base model `tiny`: random weights, so every video is coloured noise.** It runs the whole workflow "
-                "offline in seconds; for real videos enter an SD-1.5-family model under *Model* (a hub id, a diffusers "
+                "offline in seconds; for real videos enter an SD-1.5-family or Wan 2.x model under *Model* (a hub id, a diffusers "
                 "folder or a .safetensors file on the server).")
 WAN_NOTE = ("On Wan: 81 frames at 16 fps, 50 steps and guidance 5 unless you change them; one prompt per clip "
             "(no prompt travel, FreeNoise windows or FreeInit: Wan denoises the whole clip at once); sides multiples of 16.")
