@@ -59,6 +59,20 @@ def correlate_frames(eps: torch.Tensor, gamma: float, frame_dim: int = 2) -> tor
     return torch.stack(out, dim=frame_dim)
 
 
+def _draw(shape, gamma: float, generator, device, dtype, frames: str, mix) -> torch.Tensor:
+    """The pipeline's own i.i.d. draw (`randn_tensor`, so γ = 0 is the stock latents bit for bit), mixed across
+    frames by `mix` in float32 and cast to `dtype` at the end."""
+    if len(shape) != 5:
+        raise ValueError(f"shape must be (batch, channels, {frames}, height, width), got {tuple(shape)}")
+    if any(int(s) < 1 for s in shape):
+        raise ValueError(f"every dimension of shape must be >= 1, got {tuple(shape)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if gamma == 0.0:
+        return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+    eps = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    return mix(eps).to(dtype or torch.float32)
+
+
 def noise_prior(
     shape: Sequence[int],
     gamma: float = 0.15,
@@ -73,15 +87,7 @@ def noise_prior(
     runs in float32 for accuracy and is cast to `dtype` at the end.
     """
     gamma = check_gamma(gamma)
-    if len(shape) != 5:
-        raise ValueError(f"shape must be (batch, channels, frames, height, width), got {tuple(shape)}")
-    if any(int(s) < 1 for s in shape):
-        raise ValueError(f"every dimension of shape must be >= 1, got {tuple(shape)}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if gamma == 0.0:
-        return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
-    eps = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-    return correlate_frames(eps, gamma).to(dtype or torch.float32)
+    return _draw(shape, gamma, generator, device, dtype, "frames", lambda eps: correlate_frames(eps, gamma))
 
 
 def frame_covariance(frames: int, gamma: float) -> torch.Tensor:
@@ -123,13 +129,9 @@ def latent_noise_prior(
     makes it, mixed across latent frames by R's Cholesky factor (float32, cast to `dtype` at the end).
     """
     gamma = check_gamma(gamma)
-    if len(shape) != 5:
-        raise ValueError(f"shape must be (batch, channels, latent frames, height, width), got {tuple(shape)}")
-    if any(int(s) < 1 for s in shape):
-        raise ValueError(f"every dimension of shape must be >= 1, got {tuple(shape)}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if gamma == 0.0:
-        return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
-    eps = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-    chol = torch.linalg.cholesky(latent_frame_covariance(shape[2], gamma, temporal_scale)).to(eps.device, torch.float32)
-    return torch.einsum("ij,bcjhw->bcihw", chol, eps).to(dtype or torch.float32)
+
+    def mix(eps: torch.Tensor) -> torch.Tensor:  # x = L·ε over latent frames, L Lᵀ = R
+        chol = torch.linalg.cholesky(latent_frame_covariance(shape[2], gamma, temporal_scale)).to(eps.device, torch.float32)
+        return torch.einsum("ij,bcjhw->bcihw", chol, eps)
+
+    return _draw(shape, gamma, generator, device, dtype, "latent frames", mix)
