@@ -415,3 +415,118 @@ def test_app_builds_with_the_workflow(ws):
     assert warning.visible and "coloured noise" in warning.value  # not in a collapsed section
     assert h.is_tiny("tiny") and h.is_tiny(" ") and not h.is_tiny("owner/model")
     assert app.magicme_workspace is ws and app.magicme_files == ws.root
+
+
+# ---- the Wan backbone
+
+WAN_MODEL = ("tiny", "", "", "ddim", "full", "", "", "", 0, "wan")
+
+
+def cli_clip(tmp_path, name, *args) -> np.ndarray:
+    from magicme.cli import main
+
+    out = tmp_path / name
+    assert main([*args, "--backbone", "wan", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    return read_video(out)
+
+
+def test_wan_train_tokens_and_lora_generate_and_refine_as_the_cli_does(ws, tmp_path):
+    name = h.on_upload(ws, [photo(tmp_path / f"w{i}.png", shift=4 * i) for i in range(3)], "dog")["ref_set"]
+    last(h.on_prepare(ws, name, "grabcut"))
+    pipe = ws.runner.pipeline(h.model_spec(*WAN_MODEL))
+    words = len(pipe.tokenizer)
+    idents = {}
+    for form, lr in (("tokens", 1e-3), ("lora", 1e-4)):
+        page = last(run(h.on_train, "train_status", ws, WAN_MODEL, name, "<w*>", 1, lr, 2, True, 0, 1, form, 2))
+        idents[form] = page["trained"]
+        assert [caption for _, caption in page["checkpoints"]] == ["step 1"]  # Wan's validation frames as the preview
+        what = "Wan LoRA, trigger word <w*>" if form == "lora" else "token <w*>"
+        assert page["train_status"] == f"Done: identity {idents[form]} ({what}). Use it in Generate."
+        label = dict((n, label) for label, n in ws.identities())[idents[form]]
+        assert label.startswith(f"<w*> (dog · Wan {'LoRA' if form == 'lora' else 'tokens'})")
+    # tokens: the UI's clip is `magicme generate --backbone wan`'s, with live previews of the latent frames
+    path = str(ws.identity_path(idents["tokens"]))
+    outs = list(h.on_generate(ws, WAN_MODEL, "a <w*> dog", "", [idents["tokens"]], 0.15, 5, 32, 32, 2, "3", preview_every=1))
+    page = last(outs)
+    clip = page["new_video"]
+    previews = [o["preview"] for o in outs if o.get("preview") is not None]
+    assert len(previews) == 1 and previews[0].shape == (32, 2 * 32, 3)  # step 1 of 2; 5 frames are 2 latent frames
+    record = ws.video_settings(clip)
+    assert (record["backbone"], record["fps"], record["guidance"], record["frames"]) == ("wan", 16, 5.0, 5)
+    ref = cli_clip(tmp_path, "tokens.mp4", "generate", "--base", "tiny", "--identity", path, "--prompt", "a <w*> dog",
+                   "--frames", "5", "--width", "32", "--height", "32", "--steps", "2", "--seed", "3")
+    assert np.array_equal(read_video(ws.video_path(clip)), ref)
+    assert len(pipe.tokenizer) == words  # the job's words are gone from the shared pipeline
+    # LoRA, blank frames/FPS: Wan's 81 at 16 fps, as the CLI's defaults
+    lora_path = str(ws.identity_path(idents["lora"]))
+    page = last(h.on_generate(ws, WAN_MODEL, "a <w*> dog", "", [idents["lora"]], 0.15, None, 16, 16, 1, "1", fps=None))
+    record = ws.video_settings(page["new_video"])
+    assert (record["frames"], record["fps"], record["models"]["identities"][0]["form"]) == (81, 16, "lora")
+    ref = cli_clip(tmp_path, "lora.mp4", "generate", "--base", "tiny", "--identity", lora_path, "--prompt", "a <w*> dog",
+                   "--width", "16", "--height", "16", "--steps", "1", "--seed", "1")
+    assert np.array_equal(read_video(ws.video_path(page["new_video"])), ref)
+    lora_layers = [m for m in pipe.transformer.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
+    assert lora_layers and all(m.disable_adapters for m in lora_layers)  # off for the next job of the shared pipeline
+    # reuse keeps the backbone and remakes the clip
+    form = h.reuse_settings(ws, clip)
+    assert (form["backbone"], form["base"], form["frames"], form["fps"], form["motion_adapter"]) == ("wan", "tiny", 5, 16, "")
+    again = last(h.on_generate(ws, tuple(form[k] for k in h.MODEL_FIELDS), **{k: form[k] for k in h.GENERATE_FIELDS if k in form}))
+    assert np.array_equal(read_video(ws.video_path(again["new_video"])), read_video(ws.video_path(clip)))
+    # Tiled VCD on Wan: the CLI's clip (no ControlNet on Wan)
+    page = last(h.on_refine(ws, WAN_MODEL, "upscale", clip, "a <w*> dog", [idents["tokens"]], "", 5, 0, 2))
+    refined = page["new_video"]
+    assert page["refine_settings"]["models"]["backbone"] == "wan"
+    ref = cli_clip(tmp_path, "up.mp4", "upscale", "--base", "tiny", "--video", str(ws.video_path(clip)), "--identity", path,
+                   "--prompt", "a <w*> dog", "--steps", "5", "--seed", "0")
+    assert np.array_equal(read_video(ws.video_path(refined)), ref)
+    page = last(h.on_refine(ws, WAN_MODEL, "face", clip, "a <w*> dog", [idents["lora"]], "", 5, 0))
+    assert "no face found" in page["refine_status"]
+    # a Wan identity on an AnimateDiff model, and AnimateDiff-only choices on Wan: one message each, before any work
+    outs = run(h.on_generate, "gen_status", ws, TINY_MODEL, "a <w*> dog", "", [idents["tokens"]], 0.15, 2)
+    assert outs[-1]["gen_status"] == (f"Error: Identity 'identities/{idents['tokens']}' is a Wan 2.x identity (tokens); this model "
+                                      "is AnimateDiff (SD-1.5): use a Wan 2.x base model or retrain for this one")
+    assert not any("Loading" in o.get("gen_status", "") for o in outs)
+    (failed,) = run(h.on_train, "train_status", ws, TINY_MODEL, name, "<x*>", 1, 1e-3, 1, True, 0, 0, "lora")
+    assert failed["train_status"] == "Error: Identity form lora: a LoRA identity is for the Wan backbone; an AnimateDiff identity is ID tokens"
+    fast = ("tiny", "", "", "ddim", "fast", "", "", "", 0, "wan")
+    (failed,) = run(h.on_generate, "gen_status", ws, fast, "a dog", "", [], 0.15, 5)[-1:]
+    assert failed["gen_status"] == "Error: Speed preset fast is an AnimateDiff draft preset; with Wan leave it at full"
+
+
+def test_backbone_defaults_follow_the_backbone_unless_typed(tmp_path):
+    assert h.backbone_defaults("wan", 16, 8, 1e-3, "tokens") == {"frames": 81, "fps": 16}
+    assert h.backbone_defaults("wan", 24, 8, 1e-3, "lora") == {"fps": 16, "lr": 1e-4}
+    assert h.backbone_defaults("animatediff", 81, 16, 1e-4) == {"frames": 16, "fps": 8, "lr": 1e-3}
+    assert h.backbone_defaults("animatediff", 20, 12, 5e-4) == {}
+    assert h.page_backbone("wan", "tiny") == "wan" and h.page_backbone("auto", "tiny") == "animatediff"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    assert h.page_backbone("auto", str(tmp_path)) == "wan" and h.page_backbone("animatediff", str(tmp_path)) == "animatediff"
+
+
+@pytest.mark.parametrize("model, fields, message", [
+    (("tiny", "", "", "euler"), {}, "Scheduler euler is an AnimateDiff scheduler; Wan uses its model's flow-matching scheduler"),
+    (("tiny", "", "", "ddim", "full", "", "", "on"), {}, "FreeU is for SD-1.5-family models (AnimateDiff); a Wan identity in LoRA form is given with Identity"),
+    (("tiny", "", "", "ddim", "full", "", "", "", 1), {}, "Clip skip is for SD-1.5-family models (AnimateDiff); a Wan identity in LoRA form is given with Identity"),
+    ((), {"prompt_travel": "4: a cat"}, "Prompt travel runs in AnimateDiff's FreeNoise windows; Wan takes one prompt per clip"),
+    ((), {"context_length": "8"}, "Window frames sets AnimateDiff's FreeNoise windows; Wan denoises the whole clip at once"),
+    ((), {"width": "40"}, "Width must be a multiple of 16 for Wan (VAE 8× × patch 2), got 40"),
+])
+def test_animatediff_only_fields_on_wan_are_one_message_before_any_work(ws, model, fields, message):
+    model = (*model, *WAN_MODEL[len(model):])
+    before = ws.videos()
+    outs = run(h.on_generate, "gen_status", ws, model, "a dog", "", [], 0.15, 5, **fields)
+    assert [o["gen_status"] for o in outs] == ["Starting…", f"Error: {message}"] and ws.videos() == before
+
+
+def test_a_wan_lora_identity_imports_past_the_token_size_limit(tmp_path):
+    from magicme.wan_identity import save_wan_lora
+    from magicme.workspace import UploadLimits
+
+    ws = Workspace(tmp_path / "w", limits=UploadLimits(max_identity_bytes=256))
+    lora = {"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 24), "blocks.0.attn1.to_q.lora_B.weight": torch.zeros(24, 2)}
+    path = save_wan_lora(tmp_path / "l.safetensors", lora, IdentityInfo("sks", "dog", 1, backbone="wan", form="lora", rank=2))
+    name = ws.import_identity(str(path))
+    assert dict((n, label) for label, n in ws.identities())[name].startswith("sks (dog · Wan LoRA)")
+    tokens = save_identity(tmp_path / "t.safetensors", torch.zeros(4, 32), IdentityInfo("<t*>", "dog", 4, backbone="wan"))
+    with pytest.raises(ValueError, match="too large for an identity file"):
+        ws.import_identity(str(tokens))

@@ -390,3 +390,29 @@ def test_model_section_takes_loras_freeu_clip_skip_and_the_reference_preset(serv
     shot(page, "ui_model_options.png")
     assert page.external == []
     page.context.close()
+
+
+def test_wan_backbone_hides_the_animatediff_fields_and_generates_with_its_defaults(server, browser):
+    page = open_page(browser, server[0])
+    ws = workspace(server, page)
+    page.get_by_role("button", name="Model ▼").click()
+    assert page.locator("#motion_adapter").is_visible() and not page.locator("#form").is_visible()
+    page.locator("#backbone input").click()
+    page.get_by_role("option", name="wan").click()
+    page.locator("#motion_adapter").wait_for(state="hidden")
+    assert not page.locator("#preset").is_visible() and page.locator("#form").is_visible() and page.locator("#lora_rank").is_visible()
+    page.get_by_role("tab", name="2 · Generate").click()
+    page.wait_for_function("() => document.querySelector('#frames input')?.value === '81'")  # Wan's clip: 81 frames at 16 fps
+    assert page.locator("#fps input").input_value() == "16"
+    assert page.locator("#wan_note").is_visible() and page.locator("#steps textarea").get_attribute("placeholder") == "Wan's 50"
+    page.locator("#width textarea").fill("32")
+    page.locator("#height textarea").fill("32")
+    generate_clip(page, "a dog on the beach", frames=5, steps=2)
+    page.locator("#gen_status").get_by_text("Done: 1 clip(s)").wait_for()
+    page.wait_for_function("() => { const v = document.querySelector('#gen_video video'); return v && v.readyState >= 1; }")
+    record = ws.video_settings(ws.videos()[0])
+    assert (record["backbone"], record["frames"], record["fps"], record["guidance"], record["width"]) == ("wan", 5, 16, 5.0, 32)
+    page.evaluate("window.scrollTo(0, 0)")
+    shot(page, "ui_wan.png")
+    assert page.external == []
+    page.context.close()

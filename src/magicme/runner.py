@@ -185,19 +185,28 @@ def model_field(message: str) -> str | None:
 
 @contextmanager
 def identities_loaded(pipe, paths: list[Path]):
-    """`pipe` with these identities' tokens for one job, and without them after: no job sees another's identities."""
+    """`pipe` with these identities (tokens; on Wan also LoRAs) for one job, and without them after: no job sees
+    another's identities. A Wan token identity may write rows of UMT5's padded table past the tokenizer: with the
+    tokenizer restored no prompt reaches them. A Wan LoRA stays loaded (by content hash) but is switched off."""
     from .identity import load_identities
+    from .wan_identity import load_wan_identities
+    from .wan_v2v import is_wan
 
     tokenizer = pipe.tokenizer
     rows = pipe.text_encoder.get_input_embeddings().weight.shape[0]
     pipe.register_modules(tokenizer=copy.deepcopy(tokenizer))  # the job adds tokens to a copy
     try:
-        load_identities(pipe, list(paths))
+        if is_wan(pipe):
+            load_wan_identities(pipe, list(paths))
+        else:
+            load_identities(pipe, list(paths))
         yield pipe
     finally:
         pipe.register_modules(tokenizer=tokenizer)
         if pipe.text_encoder.get_input_embeddings().weight.shape[0] != rows:
             pipe.text_encoder.resize_token_embeddings(rows)  # drops the added rows, keeps the others as they were
+        if is_wan(pipe) and any(pipe.get_list_adapters().values()):
+            pipe.disable_lora()
 
 
 def latent_preview(pipe, latents, max_frames: int = 4):
@@ -205,6 +214,10 @@ def latent_preview(pipe, latents, max_frames: int = 4):
     import numpy as np
     import torch
 
+    from .wan_v2v import is_wan
+
+    if is_wan(pipe):
+        return wan_latent_preview(pipe, latents, max_frames)
     lat = latents[0]
     idx = np.unique(np.linspace(0, lat.shape[1] - 1, min(max_frames, lat.shape[1])).round().astype(int))
     idx = torch.as_tensor(idx, device=lat.device)
@@ -213,6 +226,24 @@ def latent_preview(pipe, latents, max_frames: int = 4):
         images = pipe.vae.decode(picked.to(pipe.vae.device, pipe.vae.dtype)).sample
     images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return np.concatenate(list(images), axis=1)
+
+
+def wan_latent_preview(pipe, latents, max_frames: int = 4):
+    """`latent_preview` on Wan: latents (B, C, F', h, w) normalised by the VAE's statistics; each picked latent frame
+    is decoded alone (the causal VAE makes one frame of it, as of a clip's first), so a preview costs `max_frames` frames."""
+    import numpy as np
+    import torch
+
+    from .wan import latent_statistics
+
+    vae = pipe.vae
+    lat = latents[:1].to(vae.device, vae.dtype)
+    mean, std = latent_statistics(vae, lat.dtype, lat.device)
+    idx = np.unique(np.linspace(0, lat.shape[2] - 1, min(max_frames, lat.shape[2])).round().astype(int))
+    with torch.no_grad():
+        images = [vae.decode(lat[:, :, i:i + 1] * std + mean).sample[0, :, 0] for i in idx]
+    strip = torch.cat(images, dim=2)  # (3, H, n·W)
+    return ((strip.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def step_reporter(report: Callable[[dict], None], check: Callable[[], None], total: int | None = None,

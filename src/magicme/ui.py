@@ -15,11 +15,13 @@ from pathlib import Path
 import gradio as gr  # this module is the web UI; the CLI imports it only for `magicme ui`
 
 from .ui_handlers import (
+    ANIMATEDIFF_FIELDS,
     GENERATE_FIELDS,
     MODEL_FIELDS,
     NOT_SUBJECT_RGB,
     SUBJECT_RGB,
     Problem,
+    backbone_defaults,
     config_defaults,
     guarded,
     is_tiny,
@@ -35,6 +37,7 @@ from .ui_handlers import (
     on_save_mask,
     on_train,
     on_upload,
+    page_backbone,
     problem,
     random_seed,
     reuse_settings,
@@ -45,8 +48,13 @@ from .ui_server import launch  # noqa: F401  (the tests and `serve` start the ap
 from .workspace import SHARED, Workspace, Workspaces
 
 TINY_WARNING = ("⚠ **Base model `tiny`: random weights, so every video is coloured noise.** It runs the whole workflow "
-                "offline in seconds; for real videos enter an SD-1.5-family model under *Model* (a hub id, a diffusers "
+                "offline in seconds; for real videos enter an SD-1.5-family or Wan 2.x model under *Model* (a hub id, a diffusers "
                 "folder or a .safetensors file on the server).")
+WAN_NOTE = ("On Wan: 81 frames at 16 fps, 50 steps and guidance 5 unless you change them; one prompt per clip "
+            "(no prompt travel, FreeNoise windows or FreeInit: Wan denoises the whole clip at once); sides multiples of 16.")
+FRAMES_LABEL = {False: "Frames (over 16: FreeNoise windows)", True: "Frames (Wan makes 1 + 4k and keeps these)"}
+GAMMA_LABEL = {False: "γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)",
+               True: "γ: noise-prior frame correlation (paper: 0.15; 0 = stock WanPipeline)"}
 STATUS_KEYS = ("model_status", "upload_status", "prepare_status", "mask_status", "train_status", "import_status", "gen_status",
                "video_status", "refine_status", "eval_status")
 # an output that stands for several components: what each handler key updates
@@ -180,8 +188,12 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             gr.Markdown("For real videos give an SD-1.5-family base model (hub id, folder or .safetensors on the server) "
                         "and, if not inside its folder, a motion adapter. Speed presets: *fast* is AnimateDiff-Lightning "
                         "(4 steps), *lcm* AnimateLCM, *reference* the Magic-Me code's own recipe (DPM++ 2M Karras, 20 steps, "
-                        "CFG 8, FreeU); the scheduler applies to *full*.")
+                        "CFG 8, FreeU); the scheduler applies to *full*. Backbone *wan*: a Wan 2.1/2.2 text-to-video model "
+                        "(e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers; with *tiny* the tiny Wan preset), which has none of the "
+                        "AnimateDiff-only options; *auto* reads the base model's files.")
             with gr.Row():
+                c["backbone"] = gr.Dropdown(["auto", "animatediff", "wan"], value="auto", label="Backbone", elem_id="backbone",
+                                            scale=0, min_width=140)
                 c["base"] = gr.Textbox("tiny", label="Base model", elem_id="base")
                 c["motion_adapter"] = gr.Textbox("", label="Motion adapter", elem_id="motion_adapter",
                                                  placeholder="default: BASE/motion_adapter or guoyww/animatediff-motion-adapter-v1-5-2")
@@ -259,6 +271,12 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                             c["train_preview_every"] = gr.Number(train_defaults["checkpoint_every"], label="Preview every N steps (0: none)",
                                                                  precision=0, elem_id="train_preview_every")
                         with gr.Row():
+                            c["form"] = gr.Dropdown(["tokens", "lora"], value="tokens", label="Identity form (Wan)", elem_id="form",
+                                                    visible=False, info="tokens: ID tokens in the text encoder (§4.2); "
+                                                                        "lora: a LoRA on the transformer's attention")
+                            c["lora_rank"] = gr.Number(16, label="LoRA rank (Wan LoRA form)", precision=0, minimum=1,
+                                                       elem_id="lora_rank", visible=False)
+                        with gr.Row():
                             c["train"] = gr.Button("Train", variant="primary", elem_id="train")
                             c["cancel_train"] = gr.Button("Cancel", variant="stop", elem_id="cancel_train")
                     with gr.Column():
@@ -279,10 +297,9 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                         c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", elem_id="negative_prompt")
                         c["identities"] = gr.Dropdown([], multiselect=True, label="Identities (the prompt must use their tokens)",
                                                       elem_id="identities")
-                        c["gamma"] = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, elem_id="gamma",
-                                               label="γ: noise-prior frame correlation (paper: 0.15; 0 = stock AnimateDiff)")
+                        c["gamma"] = gr.Slider(0.0, 0.99, value=d["gamma"], step=0.01, elem_id="gamma", label=GAMMA_LABEL[False])
                         with gr.Row():
-                            c["frames"] = gr.Number(d["frames"], label="Frames (over 16: FreeNoise windows)", precision=0, elem_id="frames")
+                            c["frames"] = gr.Number(d["frames"], label=FRAMES_LABEL[False], precision=0, elem_id="frames")
                             c["width"] = gr.Textbox("", label="Width", placeholder="the model's (512; tiny 64)", elem_id="width")
                             c["height"] = gr.Textbox("", label="Height", placeholder="the model's (512; tiny 64)", elem_id="height")
                         with gr.Row():
@@ -293,7 +310,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                             c["guidance"] = gr.Textbox("", label="Guidance", placeholder="the preset's (7.5 full)", elem_id="guidance")
                             c["fps"] = gr.Number(d["fps"], label="FPS", precision=0, elem_id="fps")
                             c["preview_every"] = gr.Number(5, label="Live preview every N steps (0: off)", precision=0, elem_id="preview_every")
-                        with gr.Accordion("Long video and prompt travel", open=False):
+                        with gr.Accordion("Long video and prompt travel", open=False) as c["long_video"]:
                             c["prompt_travel"] = gr.Textbox(label="Prompt travel: one 'FRAME: prompt' per line", lines=3,
                                                             placeholder="0: a <v*> dog walks\n24: a <v*> dog runs", elem_id="travel")
                             with gr.Row():
@@ -301,6 +318,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
                                 c["context_stride"] = gr.Number(d["context_stride"], label="Window stride", precision=0)
                                 c["window_weighting"] = gr.Dropdown(list(WEIGHTING_SCHEMES), value=d["window_weighting"], label="Window blend")
                                 c["free_init"] = gr.Textbox("", label="FreeInit iterations", placeholder="off")
+                        c["wan_note"] = gr.Markdown(WAN_NOTE, visible=False, elem_id="wan_note")
                         with gr.Row():
                             c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
                             c["cancel_generate"] = gr.Button("Cancel", variant="stop", elem_id="cancel_generate")
@@ -385,6 +403,30 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         app.load(load, [c["browser_key"]], [c[k] for k in load_outputs])
         c["base"].change(lambda base: gr.update(visible=is_tiny(base)), c["base"], c["tiny_warning"])
 
+        # ---- the backbone: Wan hides the AnimateDiff-only fields and takes its own defaults where a field holds the other's
+        layout_keys = [*ANIMATEDIFF_FIELDS, "long_video", "form", "lora_rank", "wan_note", "frames", "gamma", "fps", "lr", "steps",
+                       "guidance", "width", "height"]
+
+        def layout(backbone, base, frames, fps, lr, form):
+            wan = page_backbone(backbone, base) == "wan"
+            out = {k: gr.update(visible=not wan) for k in ANIMATEDIFF_FIELDS if k not in GENERATE_FIELDS}
+            out.update(long_video=gr.update(visible=not wan), form=gr.update(visible=wan), lora_rank=gr.update(visible=wan),
+                       wan_note=gr.update(visible=wan),
+                       steps=gr.update(placeholder="Wan's 50" if wan else "the preset's (25 full)"),
+                       guidance=gr.update(placeholder="Wan's 5" if wan else "the preset's (7.5 full)"))
+            for side, wan_side in (("width", 832), ("height", 480)):
+                out[side] = gr.update(placeholder=f"the model's ({wan_side}; tiny 64)" if wan else "the model's (512; tiny 64)")
+            values = backbone_defaults("wan" if wan else "animatediff", frames, fps, lr, form if wan else "tokens")
+            out.update({k: gr.update(value=v) for k, v in values.items()})
+            out["frames"] = gr.update(label=FRAMES_LABEL[wan], **({"value": values["frames"]} if "frames" in values else {}))
+            out["gamma"] = gr.update(label=GAMMA_LABEL[wan])
+            out.update({k: gr.update() for k in layout_keys if k not in out})
+            return {c[k]: v for k, v in out.items()}
+
+        layout_inputs = [c[k] for k in ("backbone", "base", "frames", "fps", "lr", "form")]
+        for trigger in (c["backbone"].change, c["base"].blur, c["form"].change):
+            trigger(layout, layout_inputs, [c[k] for k in layout_keys])
+
         # ---- photos and masks
         on(c["save_photos"].click, on_upload, ["photo_files", "class_word"],
            ["ref_set", "photos", "upload_status", "prepare_status", "contact", "masks", "mask_editor", "mask_index"], "upload_status")
@@ -408,7 +450,8 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
         # ---- identities
         m = len(MODEL_FIELDS)
         on(c["train"].click, lambda ws, *v: on_train(ws, v[:m], *v[m:]),
-           [*MODEL_FIELDS, "ref_set", "token", "train_steps", "lr", "num_vectors", "masked", "train_seed", "train_preview_every"],
+           [*MODEL_FIELDS, "ref_set", "token", "train_steps", "lr", "num_vectors", "masked", "train_seed", "train_preview_every",
+            "form", "lora_rank"],
            ["train_status", "loss", "checkpoints", "trained"], "train_status", job="job_train")
         on(c["import"].click, on_import_identity, ["id_file"], ["import_status", "identity"], "import_status")
 

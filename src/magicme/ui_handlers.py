@@ -9,6 +9,7 @@ until the next action. `ui.py` only lays the components out and wires these func
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -17,12 +18,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .runner import MODEL_HINT, Cancelled, stream
+from .runner import MODEL_HINT, Cancelled, stream, unusable_models
 from .workspace import Workspace, video_prompt
 
 log = logging.getLogger(__name__)
 
-MODEL_FIELDS = ("base", "motion_adapter", "base_config", "scheduler", "preset", "loras", "motion_loras", "freeu", "clip_skip")
+MODEL_FIELDS = ("base", "motion_adapter", "base_config", "scheduler", "preset", "loras", "motion_loras", "freeu", "clip_skip",
+                "backbone")
+# the fields that mean something only on AnimateDiff: the page hides them on Wan, the shared checks refuse them
+ANIMATEDIFF_FIELDS = ("motion_adapter", "base_config", "scheduler", "preset", "loras", "motion_loras", "freeu", "clip_skip",
+                      "loras_files", "motion_loras_files", "prompt_travel", "context_length", "context_stride",
+                      "window_weighting", "free_init")
 GENERATE_FIELDS = ("prompt", "negative_prompt", "identities", "gamma", "frames", "width", "height", "steps", "seeds",
                    "guidance", "fps", "prompt_travel", "context_length", "context_stride", "window_weighting",
                    "free_init", "preview_every")
@@ -39,6 +45,7 @@ FIELD_LABELS = {
     "--clip-model": "CLIP model", "--dino-model": "DINO model", "--masks": "Masks", "--segmenter": "Segmenter",
     "--checkpoint-every": "Preview every", "--data": "Reference set", "--images": "Photos",
     "--lora": "LoRA", "--motion-lora": "Motion LoRA", "--freeu": "FreeU", "--clip-skip": "Clip skip",
+    "--backbone": "Backbone", "--form": "Identity form", "--lora-rank": "LoRA rank",
 }
 LORA_HINT = "a LoRA uploaded here, or a LoRA file on the server"
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -51,7 +58,8 @@ class Problem(str):
 
 def ui_terms(message: str) -> str:
     """A message from code shared with the CLI, in the form's words: '--prompt …' → 'Prompt …'."""
-    return _FLAG.sub(lambda m: FIELD_LABELS.get(m.group(), m.group()[2:].replace("-", " ").capitalize()), message)
+    text = _FLAG.sub(lambda m: FIELD_LABELS.get(m.group(), m.group()[2:].replace("-", " ").capitalize()), message)
+    return text.replace("Prompt travel (prompt travel)", "Prompt travel")  # the CLI's message explains its flag
 
 
 def problem(error: BaseException, ws: Workspace | None = None) -> Problem:
@@ -87,8 +95,12 @@ def guarded(handler: Callable, status: str, ws: Workspace | None = None) -> Call
 
 
 def model_spec(base: str, motion_adapter: str = "", base_config: str = "", scheduler: str = "ddim", preset: str = "full",
-               loras: str = "", motion_loras: str = "", freeu: str = "", clip_skip=0, ws: Workspace | None = None):
-    """The form's model fields as a `ModelSpec` (blank fields mean the defaults); `ws` resolves uploaded LoRAs' names."""
+               loras: str = "", motion_loras: str = "", freeu: str = "", clip_skip=0, backbone: str = "auto",
+               ws: Workspace | None = None):
+    """The form's model fields as a `ModelSpec` (blank fields mean the defaults); `ws` resolves uploaded LoRAs' names.
+
+    `backbone` "auto" reads the base model's files; "wan" with base `tiny` is the tiny Wan preset.
+    """
     from .models import TINY, ModelSpec
 
     return ModelSpec(
@@ -101,7 +113,49 @@ def model_spec(base: str, motion_adapter: str = "", base_config: str = "", sched
         motion_loras=lora_entries(ws, motion_loras, motion=True),
         freeu=parse_freeu(freeu),
         clip_skip=_int(clip_skip, "Clip skip", optional=True) or 0,
+        backbone=backbone or "auto",
     )
+
+
+def page_backbone(backbone: str | None, base: str | None) -> str:
+    """The backbone the form names, for laying out the page: "auto" reads only a local folder's model_index.json
+    (a hub id is resolved when a job runs, not on every keystroke)."""
+    from .wan import WAN_T2V_PIPELINES
+
+    if backbone in ("animatediff", "wan"):
+        return backbone
+    path = Path((base or "").strip() or "tiny").expanduser()
+    try:
+        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    except (OSError, ValueError):
+        index = {}
+    return "wan" if index.get("_class_name") in WAN_T2V_PIPELINES else "animatediff"
+
+
+def backbone_defaults(backbone: str, frames, fps, lr, form: str = "tokens") -> dict:
+    """The Generate/Train fields that follow the backbone: a field still at another setting's default takes this one's
+    (16 frames at 8 fps ↔ Wan's 81 at 16; learning rate 1e-3 for ID tokens ↔ 1e-4 for a Wan LoRA); a typed value stays."""
+    from .generate import GenerateConfig
+    from .train import TrainConfig
+    from .wan import WanDefaults
+
+    ad, wan = config_defaults(GenerateConfig), WanDefaults()
+    token_lr, lora_lr = config_defaults(TrainConfig)["lr"], 1e-4  # WanTrainConfig's LoRA default
+    choices = {"frames": (ad["frames"], wan.frames), "fps": (ad["fps"], wan.fps), "lr": (token_lr, lora_lr)}
+    pick = {"frames": backbone == "wan", "fps": backbone == "wan", "lr": backbone == "wan" and form == "lora"}
+    out = {}
+    for key, value in (("frames", frames), ("fps", fps), ("lr", lr)):
+        mine, other = choices[key][pick[key]], choices[key][not pick[key]]
+        if value is None or value == "" or _same(value, other):
+            out[key] = mine
+    return out
+
+
+def _same(value, default) -> bool:
+    try:
+        return math.isclose(float(value), float(default), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
 
 
 def training_spec(spec):
@@ -417,8 +471,11 @@ def on_save_mask(ws: Workspace, name: str | None, index: int | None, value) -> d
 
 
 def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_vectors, masked: bool, seed,
-             preview_every=0, job=None) -> Iterator[dict]:
-    """Train an identity on a prepared set, with the loss curve and checkpoint previews as they come."""
+             preview_every=0, form: str = "tokens", lora_rank=16, job=None) -> Iterator[dict]:
+    """Train an identity on a prepared set, with the loss curve and checkpoint previews as they come.
+
+    On Wan `form` is "tokens" (ID tokens in UMT5) or "lora" (a LoRA of rank `lora_rank`); AnimateDiff takes tokens only.
+    """
     import pandas as pd
 
     from .train import TrainConfig
@@ -427,7 +484,7 @@ def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_
         raise ValueError("Reference set: save or pick a set of photos first")
     check_model_boxes(model)
     full = model_spec(*model, ws=ws)
-    cfg = TrainConfig(
+    settings = dict(
         data="",
         token=(token or "").strip(),
         steps=_int(steps, "Steps"),
@@ -438,6 +495,17 @@ def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_
         checkpoint_every=_int(preview_every, "Preview every", optional=True) or 0,
         models=training_spec(full),
     )
+    form = form or "tokens"
+    with unusable_models():
+        wan = full.resolved_backbone() == "wan"
+    if wan:  # the whole model section is checked: Wan refuses the AnimateDiff-only fields rather than dropping them
+        from .wan_train import WanTrainConfig
+
+        cfg = WanTrainConfig(**{**settings, "models": full}, form=form, lora_rank=_int(lora_rank, "LoRA rank"))
+    elif form != "tokens":
+        raise ValueError(f"Identity form {form}: a LoRA identity is for the Wan backbone; an AnimateDiff identity is ID tokens")
+    else:
+        cfg = TrainConfig(**settings)
     job = job or ws.new_job("train")
     losses: list[tuple[int, float]] = []
     previews: list[tuple[str, str]] = []
@@ -454,7 +522,8 @@ def on_train(ws: Workspace, model, name: str | None, token: str, steps, lr, num_
     try:
         for kind, value in stream(lambda report: ws.train(name, cfg, report, job)):
             if kind == "done":
-                yield {"train_status": f"Done: identity {value} (token {cfg.token}). Use it in Generate.",
+                what = f"Wan LoRA, trigger word {cfg.token}" if getattr(cfg, "form", "tokens") == "lora" else f"token {cfg.token}"
+                yield {"train_status": f"Done: identity {value} ({what}). Use it in Generate.",
                        "loss": curve(), "trained": value}
             elif "checkpoint" in value:
                 previews.append((value["preview"], f"step {value['checkpoint']}"))
@@ -498,32 +567,38 @@ def on_upload_loras(ws: Workspace, files, current: str, motion: bool = False) ->
 # ---- generate
 
 
-def on_generate(ws: Workspace, model, prompt: str = "", negative_prompt: str = "", identities=None, gamma=0.15, frames=16,
-                width=None, height=None, steps=None, seeds="0", guidance=None, fps=8, prompt_travel: str = "",
+def on_generate(ws: Workspace, model, prompt: str = "", negative_prompt: str = "", identities=None, gamma=0.15, frames=None,
+                width=None, height=None, steps=None, seeds="0", guidance=None, fps=None, prompt_travel: str = "",
                 context_length=None, context_stride=4, window_weighting: str = "pyramid", free_init=None,
                 preview_every=0, job=None) -> Iterator[dict]:
     """Generate one clip per seed; yield the status, a preview of the frames while denoising, and each clip as it is done.
 
-    Blank steps/guidance take the speed preset's, blank width/height the model's size; `prompt_travel`
-    holds 'FRAME: prompt' lines; clips over 16 frames or with travel run in FreeNoise windows (long_video.py).
+    Blank steps/guidance take the speed preset's (Wan: 50 and 5), blank width/height the model's size, blank
+    frames/FPS the backbone's; `prompt_travel` holds 'FRAME: prompt' lines; on AnimateDiff clips over 16 frames
+    or with travel run in FreeNoise windows (long_video.py), which Wan refuses (it denoises the whole clip).
     """
     from .generate import GenerateConfig
+    from .wan_generate import default_clip
 
     check_model_boxes(model)
     prompt = (prompt or "").strip()
+    models = model_spec(*model, ws=ws)
+    with unusable_models():
+        clip = default_clip(models)  # blank frames/FPS: the backbone's (16 at 8 fps; Wan 81 at 16)
+    frames, fps = _int(frames, "Frames", optional=True), _int(fps, "FPS", optional=True)
     cfg = GenerateConfig(
         prompts=[prompt] if prompt else [],
         negative_prompt=negative_prompt or "",
         seeds=parse_seeds(seeds),
-        frames=_int(frames, "Frames"),
+        frames=clip[0] if frames is None else frames,
         width=_int(width, "Width", optional=True),
         height=_int(height, "Height", optional=True),
         steps=_int(steps, "Steps", optional=True),
         guidance=_float(guidance, "Guidance", optional=True),
         gamma=_float(gamma, "γ"),
-        fps=_int(fps, "FPS"),
+        fps=clip[1] if fps is None else fps,
         identities=list(identities or []),
-        models=model_spec(*model, ws=ws),
+        models=models,
         prompt_at=parse_travel(prompt_travel),
         context_length=_int(context_length, "Window frames", optional=True),
         context_stride=_int(context_stride, "Window stride"),
@@ -653,6 +728,7 @@ def generate_form(ws: Workspace, record: dict) -> dict:
     travel = "\n".join(f"{k}: {v}" for k, v in schedule.items() if not (k == "0" and v == prompt))
     windows = record.get("windows") or {}
     form = {
+        "backbone": record.get("backbone") or models.get("backbone") or "animatediff",
         "base": base, "motion_adapter": adapter, "base_config": models.get("base_config", ""), "preset": preset,
         "prompt": prompt, "negative_prompt": record.get("negative_prompt", ""), "identities": ws.identity_names(record),
         "gamma": record.get("gamma"), "frames": record.get("frames"), "width": str(record.get("width", "")),
@@ -661,8 +737,8 @@ def generate_form(ws: Workspace, record: dict) -> dict:
         "context_length": str(record.get("context_length") or ""), "context_stride": windows.get("stride", record.get("context_stride")),
         "window_weighting": record.get("window_weighting"), "free_init": str(record.get("free_init") or ""),
     }
-    if preset == "full":
-        form["scheduler"] = models.get("scheduler")
+    if preset == "full":  # a Wan record has no AnimateDiff scheduler: the field's default, which Wan accepts
+        form["scheduler"] = models.get("scheduler") or ("ddim" if form["backbone"] == "wan" else None)
     form.update(formats_form(ws, models, preset))
     return {k: v for k, v in form.items() if v is not None}
 

@@ -231,12 +231,14 @@ class WanTrainer(IdTrainer):
         return total / timesteps
 
     @torch.no_grad()
-    def validation_frames(self):
-        """A row of one-frame videos from the current identity ('a photo of a <v*> dog'), fixed seed, as one PIL image."""
+    def validation_frames(self, progress: bool = False):
+        """A row of one-frame videos from the current identity ('a photo of a <v*> dog'), fixed seed, as one PIL image.
+
+        `progress` shows the rendering's denoising steps (as `Trainer.validation_frames`, which checkpoints call)."""
         from PIL import Image
 
         pipe = self.pipe
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=not progress, desc="checkpoint preview", leave=False)
         prompt = f"a photo of a {self.cfg.token} {self.class_word}"
         if self.id_tokens is not None:
             prompt = expand_prompt(prompt, self.cfg.token, self.cfg.num_vectors)

@@ -59,7 +59,7 @@ class UploadLimits:
     max_pixels: int = 40_000_000  # per image; larger is a decompression bomb, not a photo
     min_side: int = 16  # smaller is no photo of a subject (and breaks GrabCut)
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # what `prepare` reads
-    max_identity_bytes: int = 2**20  # an identity is K × 768 floats: a few KiB
+    max_identity_bytes: int = 2**20  # ID tokens are K × 768 floats (Wan: K × 4096): a few KiB; a Wan LoRA identity: max_lora_bytes
     max_lora_bytes: int = 2**30  # SD-1.5 LoRAs are 10–300 MB, AnimateDiff's motion LoRAs 77 MB
 
 
@@ -450,8 +450,8 @@ class Workspace:
         if not path:
             raise ValueError("identity: upload an identity .safetensors file")
         size = os.path.getsize(path)
-        if size > self.limits.max_identity_bytes:
-            raise ValueError(f"identity: {size / 2**20:.1f} MiB is too large for an identity file (at most {self.limits.max_identity_bytes // 1024} KiB)")
+        if size > max(self.limits.max_identity_bytes, self.limits.max_lora_bytes):
+            raise ValueError(f"identity: {size / 2**20:.1f} MiB is too large for an identity file")
         fd, tmp = tempfile.mkstemp(prefix=".import.", suffix=".safetensors", dir=self.root / IDENTITIES)
         os.close(fd)
         try:
@@ -460,6 +460,8 @@ class Workspace:
                 info = read_identity_info(tmp)
             except ValueError:
                 raise ValueError(f"identity {display_name(path)!r}: not a magicme identity file (a .safetensors from 'magicme train')") from None
+            if info.form != "lora" and size > self.limits.max_identity_bytes:  # only a Wan LoRA identity is LoRA-sized
+                raise ValueError(f"identity: {size / 2**20:.1f} MiB is too large for an identity file (at most {self.limits.max_identity_bytes // 1024} KiB)")
             name = f"{new_name(_slug(info.class_word) + '-' if info.class_word else 'id-')}.safetensors"
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.root / IDENTITIES / name)
@@ -479,7 +481,8 @@ class Workspace:
                 info = read_identity_info(p)
             except (ValueError, FileNotFoundError):
                 continue  # a foreign or damaged file is not offered
-            out.append((f"{info.token} ({info.class_word or 'no class'}) — {p.name}", p.name))
+            kind = "" if info.backbone == "animatediff" else f" · Wan {'LoRA' if info.form == 'lora' else 'tokens'}"
+            out.append((f"{info.token} ({info.class_word or 'no class'}{kind}) — {p.name}", p.name))
         return out
 
     def identity_path(self, name: str) -> Path:
@@ -588,8 +591,19 @@ class Workspace:
                 raise ValueError("the web UI makes one prompt per request")
             cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
             with unusable_models():
+                wan = cfg.models.resolved_backbone() == "wan"
+                if wan:
+                    from .wan_generate import check_wan_request
+
+                    check_wan_request(cfg)  # before the job queues: the AnimateDiff-only fields are refused here
                 cfg.check()
-            total = cfg.resolved().steps * (cfg.free_init or 1)
+                check_backbones(cfg.models, cfg.identities)
+            if wan:
+                from .wan_generate import wan_schedule
+
+                total = wan_schedule(cfg)[0]
+            else:
+                total = cfg.resolved().steps * (cfg.free_init or 1)
             prompt = cfg.prompts[0] if cfg.prompts else cfg.prompt_at.get(0, "")
 
         def work(check: Callable[[], None]) -> list[str]:
@@ -627,6 +641,7 @@ class Workspace:
             cfg = replace(cfg, identities=[str(self.identity_path(n)) for n in cfg.identities])
             with unusable_models():
                 cfg.check()
+                check_backbones(cfg.models, cfg.identities)
             path = self.root / VIDEOS / video_name(f"{stage} {cfg.prompt}", cfg.seed)
 
         def work(check: Callable[[], None]) -> str:
@@ -681,6 +696,15 @@ class Workspace:
         """The last scores of a video, or None if it was never scored."""
         path = self.metrics_path(video)
         return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_backbones(models, identities: list[str]) -> None:
+    """Refuse, before a job queues, an identity trained for the other backbone than the model's (one line naming it)."""
+    from .identity import check_identity_backbone, read_identity_info
+
+    backbone = models.resolved_backbone()
+    for path in identities:
+        check_identity_backbone(path, read_identity_info(path), backbone)
 
 
 def video_prompt(settings: dict) -> str:
