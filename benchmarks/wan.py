@@ -8,7 +8,7 @@ the transformer streamed to the GPU block by block, VAE tiling and slicing).
 
     python benchmarks/wan.py [--scale full|tiny] [--record]
 
-`benchmarks/gpu.py` calls `wan_rows("full", device)`.
+`benchmarks/gpu.py` runs it as its `wan` section (`wan_t2v`).
 """
 
 from __future__ import annotations
