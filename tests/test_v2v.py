@@ -132,3 +132,30 @@ def test_v2v_rounds_sizes_by_the_vae_scale_factor(tiny_pipe, tmp_path, monkeypat
     cfg = v2v_module.V2VConfig(prompt="a dog", steps=2, models=ModelSpec(base="tiny"))
     out = v2v_module.v2v(cfg, video, tmp_path / "o.gif", pipe=tiny_pipe, quiet=True)
     assert seen[0][2:4] == (32, 48) and read_video(out).shape == (2, 44, 52, 3)
+
+
+def test_clip_fps_reads_the_record_then_the_file(tmp_path):
+    from magicme.video import clip_fps
+
+    mp4, gif = write_video(_clip(3), tmp_path / "a.mp4", fps=12), write_video(_clip(3), tmp_path / "b.gif", fps=10)
+    assert clip_fps(mp4) == 12 and clip_fps(gif) == 10  # from the files: no run record beside them
+    assert clip_fps(write_video(_clip(3), tmp_path / "frames", fps=12)) is None  # PNG frames say nothing
+    assert clip_fps(write_video(_clip(3), tmp_path / "c.mp4", fps=12, record={"fps": 16})) == 16  # the record wins
+
+
+def test_refined_clips_keep_the_input_frame_rate(tiny_pipe, tmp_path, monkeypatch):
+    """Without --fps a V2V stage writes at its input's frame rate (a 16 fps Wan clip stays 16 fps); --fps wins."""
+    from importlib import import_module
+
+    from magicme.models import ModelSpec
+    from magicme.video import clip_fps
+
+    v2v_module = import_module("magicme.v2v")
+    monkeypatch.setattr(v2v_module, "partial_denoise_windows", lambda pipe, clips, *a, **k: clips)
+    video = write_video(_clip(2), tmp_path / "in.mp4", fps=16)
+    cfg = v2v_module.V2VConfig(prompt="a dog", steps=2, models=ModelSpec(base="tiny"))
+    out = v2v_module.v2v(cfg, video, tmp_path / "o.mp4", pipe=tiny_pipe, quiet=True)
+    assert read_sidecar(out)["fps"] == 16 and read_sidecar(out)["config"]["fps"] == 16 and clip_fps(out) == 16
+    out = v2v_module.v2v(v2v_module.V2VConfig(prompt="a dog", steps=2, fps=6, models=ModelSpec(base="tiny")),
+                         video, tmp_path / "p.gif", pipe=tiny_pipe, quiet=True)
+    assert read_sidecar(out)["fps"] == 6 and clip_fps(tmp_path / "p.gif") == 6

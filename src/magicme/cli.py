@@ -380,7 +380,7 @@ def _add_v2v_args(p: argparse.ArgumentParser, strength: float, out: str) -> None
     p.add_argument("--steps", type=integer, default=25, help="steps of the full schedule; int(steps × strength) are run")
     p.add_argument("--guidance", type=finite_float, default=7.5)
     p.add_argument("--gamma", type=finite_float, default=0.15, help="noise prior frame covariance γ in [0, 1) (paper: 0.15)")
-    p.add_argument("--fps", type=integer, default=8)
+    p.add_argument("--fps", type=integer, default=None, help="default: the input clip's frame rate (8 where it does not say)")
     p.add_argument("--context", type=integer, default=16, help="frames denoised together (AnimateDiff's context; longer clips go in overlapping, blended windows)")
     p.add_argument("--out", default=out, help=".mp4, .gif, or a folder name for PNG frames")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -35,6 +35,7 @@ from .v2v import (
     stage_inputs,
     stage_record,
     video_pipeline,
+    with_clip_fps,
 )
 from .video import check_clip_size, check_output_path, write_video
 
@@ -137,7 +138,7 @@ class FaceConfig:
     steps: int = 25
     guidance: float = 7.5
     gamma: float = 0.15  # §5.2
-    fps: int = 8
+    fps: int | None = None  # None: the input clip's frame rate (its run record's, else its file's; 8 if neither says)
     identities: list[str] = field(default_factory=list)
     models: ModelSpec = field(default_factory=ModelSpec)
     detector: str = "hog"  # hog | cnn (dlib's MMOD) | haar (OpenCV) | a YuNet .onnx file
@@ -241,6 +242,7 @@ def face_vcd(
     """
     cfg.check()
     out = check_output_path(out, inputs=stage_inputs(cfg, video))
+    cfg = with_clip_fps(cfg, video)
     frames = read_input_video(video)
     tracks, record = find_tracks(frames, cfg, detector, quiet)
     if not tracks:

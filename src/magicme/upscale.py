@@ -36,6 +36,7 @@ from .v2v import (
     stage_inputs,
     stage_record,
     video_pipeline,
+    with_clip_fps,
 )
 from .video import check_clip_size, check_output_path, write_video
 
@@ -213,7 +214,7 @@ class UpscaleConfig:
     steps: int = 25
     guidance: float = 7.5
     gamma: float = 0.15  # §5.2
-    fps: int = 8
+    fps: int | None = None  # None: the input clip's frame rate (its run record's, else its file's; 8 if neither says)
     identities: list[str] = field(default_factory=list)
     models: ModelSpec = field(default_factory=ModelSpec)
 
@@ -278,6 +279,7 @@ def tiled_vcd(
     """
     cfg.check()
     out = check_output_path(out, inputs=stage_inputs(cfg, video) + ([("--upscaler", cfg.upscaler)] if cfg.upscaler else []))
+    cfg = with_clip_fps(cfg, video)
     frames = read_input_video(video)
     cfg.check_frame(*frames.shape[1:3], pipe=pipe)
     check_clip_size(len(frames), frames.shape[1] * cfg.scale, frames.shape[2] * cfg.scale, f"--scale {cfg.scale} output")

@@ -13,7 +13,7 @@ noise prior); the stages do not know which backbone runs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +227,7 @@ class V2VConfig:
     steps: int = 25
     guidance: float = 7.5
     gamma: float = 0.15  # §5.2
-    fps: int = 8
+    fps: int | None = None  # None: the input clip's frame rate (its run record's, else its file's; 8 if neither says)
     context: int = 16  # frames denoised together (AnimateDiff's context length)
     identities: list[str] = field(default_factory=list)  # identity .safetensors files (§4.2)
     models: ModelSpec = field(default_factory=ModelSpec)
@@ -238,6 +238,13 @@ class V2VConfig:
         check_context(self.context)
 
 
+def with_clip_fps(cfg, video: str | Path):
+    """`cfg` with `fps` set: as given, else the input clip's, so a refined clip plays at its source's speed."""
+    from .video import clip_fps
+
+    return cfg if cfg.fps is not None else replace(cfg, fps=clip_fps(video) or 8)
+
+
 def check_common(cfg) -> None:
     """Checks shared by the V2V, Face and Tiled VCD configs."""
     if not isinstance(cfg.prompt, str) or not cfg.prompt.strip():
@@ -245,7 +252,7 @@ def check_common(cfg) -> None:
     check_strength(cfg.strength)
     check_steps(cfg.steps, cfg.strength)
     check_gamma_arg(cfg.gamma)
-    if not isinstance(cfg.fps, int) or cfg.fps < 1:
+    if cfg.fps is not None and (not isinstance(cfg.fps, int) or isinstance(cfg.fps, bool) or cfg.fps < 1):
         raise ValueError(f"--fps must be an integer >= 1, got {cfg.fps!r}")
     check_number("--guidance", cfg.guidance, low=0)
     check_seed(cfg.seed)
@@ -336,6 +343,7 @@ def v2v(cfg: V2VConfig, video: str | Path, out: str | Path, *, pipe=None, quiet:
     """
     cfg.check()
     out = check_output_path(out, inputs=stage_inputs(cfg, video))
+    cfg = with_clip_fps(cfg, video)
     frames = read_input_video(video)
     f, h, w, _ = frames.shape
     if h < 8 or w < 8:  # 8: every SD-family VAE's scale; checked again against the loaded one below

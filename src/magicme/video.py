@@ -293,6 +293,36 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def clip_fps(path: str | Path) -> int | None:
+    """The frame rate a clip plays at: its run record's `fps` where magicme wrote one, else the file's own
+    (an mp4's header, a gif's frame duration); None where neither says (PNG frames of another tool)."""
+    path = Path(path)
+    try:
+        fps = json.loads(sidecar_path(path).read_text()).get("fps")
+        if isinstance(fps, int) and not isinstance(fps, bool) and fps >= 1:
+            return fps
+    except (OSError, ValueError, AttributeError):
+        pass
+    kind = output_kind(path) if not path.is_dir() else "frames"
+    try:
+        if kind == "mp4":
+            import imageio_ffmpeg
+
+            reader = imageio_ffmpeg.read_frames(str(path))
+            meta = next(reader)
+            reader.close()
+            return max(1, round(float(meta.get("fps") or 0))) if meta.get("fps") else None
+        if kind == "gif":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                duration = im.info.get("duration")
+            return max(1, round(1000 / duration)) if duration else None
+    except (OSError, RuntimeError, StopIteration, ValueError):
+        return None
+    return None
+
+
 def write_sidecar(output: str | Path, record: dict) -> Path:
     """Write the run record beside `output` atomically, adding package versions and a UTC timestamp.
 
