@@ -75,6 +75,18 @@ def open_page(browser, url):
     return page
 
 
+def type_into(page, selector: str, text: str) -> None:
+    """Fill a field and leave it, again if the page was still settling the field's first value over ours."""
+    box = page.locator(selector)
+    for _ in range(5):
+        box.fill(text)
+        box.blur()
+        page.wait_for_timeout(500)
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"{selector} did not keep {text!r}")
+
+
 @pytest.fixture(scope="module")
 def page(server, browser):
     return open_page(browser, server[0])
@@ -106,11 +118,9 @@ def test_page_renders_offline_with_the_tiny_warning_in_sight(page):
     warning = page.locator("#tiny_warning")
     assert warning.is_visible() and "coloured noise" in warning.inner_text()
     page.get_by_role("button", name="Model ▼").click()
-    page.locator("#base textarea").fill("owner/real-model")
-    page.locator("#base textarea").blur()
+    type_into(page, "#base textarea", "owner/real-model")
     warning.wait_for(state="hidden")
-    page.locator("#base textarea").fill("tiny")
-    page.locator("#base textarea").blur()
+    type_into(page, "#base textarea", "tiny")
     warning.wait_for(state="visible")
     assert page.external == []
 

@@ -405,7 +405,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
 
         # ---- the backbone: Wan hides the AnimateDiff-only fields and takes its own defaults where a field holds the other's
         layout_keys = [*ANIMATEDIFF_FIELDS, "long_video", "form", "lora_rank", "wan_note", "frames", "gamma", "fps", "lr", "steps",
-                       "guidance", "width", "height"]
+                       "guidance", "width", "height", "tiny_warning"]
 
         def layout(backbone, base, frames, fps, lr, form):
             wan = page_backbone(backbone, base) == "wan"
@@ -420,6 +420,7 @@ def build_app(workdir: str | Path = "magicme-ui", *, device: str | None = None, 
             out.update({k: gr.update(value=v) for k, v in values.items()})
             out["frames"] = gr.update(label=FRAMES_LABEL[wan], **({"value": values["frames"]} if "frames" in values else {}))
             out["gamma"] = gr.update(label=GAMMA_LABEL[wan])
+            out["tiny_warning"] = gr.update(visible=is_tiny(base))  # also here: leaving the field settles it
             out.update({k: gr.update() for k in layout_keys if k not in out})
             return {c[k]: v for k, v in out.items()}
 
