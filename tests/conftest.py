@@ -44,3 +44,17 @@ def tiny_model_dir(tmp_path_factory):
     from magicme.models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared identity set of the drawn sample identity (3 photos, 64 px, GrabCut masks), shared per test file."""
+    from magicme.demo import write_sample_identity
+    from magicme.prepare import PrepareConfig, prepare_identity_set
+    from magicme.segment import SegmenterConfig
+
+    root = tmp_path_factory.mktemp("identity")
+    photos = write_sample_identity(root / "photos", count=3, size=96)
+    return prepare_identity_set(
+        PrepareConfig(images=photos, class_word="toy", out=root / "prepared", resolution=64, segmenter=SegmenterConfig(method="grabcut"))
+    )

@@ -6,11 +6,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from magicme.cli import main
-from magicme.demo import write_sample_identity
 from magicme.identity import IdentityInfo, load_identities, read_identity, save_identity
 from magicme.models import ModelSpec, tiny_components
-from magicme.prepare import PrepareConfig, load_identity_set, prepare_identity_set
-from magicme.segment import SegmenterConfig
+from magicme.prepare import load_identity_set
 from magicme.train import (
     IdTrainer,
     TrainConfig,
@@ -23,15 +21,6 @@ from magicme.train import (
 )
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("identity")
-    photos = write_sample_identity(root / "photos", count=3, size=96)
-    return prepare_identity_set(
-        PrepareConfig(images=photos, class_word="toy", out=root / "prepared", resolution=64, segmenter=SegmenterConfig(method="grabcut"))
-    )
 
 
 def make_trainer(prepared, **kw):

@@ -10,10 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from magicme.cli import main
-from magicme.demo import write_sample_identity
 from magicme.identity import IdentityInfo, load_identities, save_identity
-from magicme.prepare import PrepareConfig, load_identity_set, prepare_identity_set
-from magicme.segment import SegmenterConfig
+from magicme.prepare import load_identity_set
 from magicme.train import sample_batch, train
 from magicme.wan import tiny_wan_components
 from magicme.wan_identity import expand_identity_prompt, load_wan_identities
@@ -21,15 +19,6 @@ from magicme.wan_train import WanTrainConfig, WanTrainer, flow_target, load_wan_
 
 CPU = torch.device("cpu")
 FAST = dict(batch_size=2, validation_steps=1, validation_images=1)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("identity")
-    photos = write_sample_identity(root / "photos", count=3, size=96)
-    return prepare_identity_set(
-        PrepareConfig(images=photos, class_word="toy", out=root / "prepared", resolution=64, segmenter=SegmenterConfig(method="grabcut"))
-    )
 
 
 def make_trainer(prepared, **kw):
